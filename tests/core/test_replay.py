@@ -1,0 +1,428 @@
+"""RouterReplay on every supported family (runs on transformers 5.19 and on 5.10.x)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from verl_r3 import MISSING, RouterReplay
+from verl_r3.core.metrics import router_disagreement
+from verl_r3.tiny import FAMILIES, tiny_model
+
+CASES = [(family, 8) for family in FAMILIES] + [("qwen3_moe", 300)]
+IDS = [f"{f}-E{e}" for f, e in CASES]
+
+
+def _model(family, experts, seed=0):
+    return tiny_model(family, num_experts=experts, seed=seed)
+
+
+def _ids(batch=2, length=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 256, (batch, length), generator=g)
+
+
+def _perturbed_routing(model, ids, scale=3.0):
+    """Routing recorded on a copy whose routers were perturbed: differs from the model's own."""
+    other = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.add_(torch.randn(p.shape, generator=g) * scale * p.std())
+    rr = RouterReplay(other)
+    with torch.no_grad(), rr.record() as rec:
+        other(input_ids=ids)
+    return rec.routed_experts
+
+
+class _ExpertsSpy:
+    """Captures what every MoE layer's experts module receives (indices and gate weights)."""
+
+    def __init__(self, rr):
+        self.seen = {}
+        self.hooks = [
+            layer.experts.register_forward_pre_hook(self._make(layer.index)) for layer in rr.layers
+        ]
+
+    def _make(self, index):
+        def hook(module, args):
+            self.seen[index] = (args[1].clone(), args[2].detach().clone())
+
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _router_inputs(rr):
+    """Capture each router's input hidden states [N, H]."""
+    seen, hooks = {}, []
+    for layer in rr.layers:
+        def hook(module, args, index=layer.index):
+            seen[index] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+        hooks.append(layer.router.register_forward_pre_hook(hook))
+    return seen, hooks
+
+
+def _reference_gates(family, config, router, hidden_NH, idx_NK):
+    """The paper's gate formula per family, written independently of verl_r3.families."""
+    h = hidden_NH.double()
+    w = router.weight.detach().double()
+    if family == "gpt_oss":
+        logits = h @ w.T + router.bias.detach().double()
+        return torch.softmax(logits.gather(1, idx_NK), dim=-1)
+    if family == "deepseek_v3":
+        s = torch.sigmoid(h @ w.T).gather(1, idx_NK)
+        return s / (s.sum(-1, keepdim=True) + 1e-20) * config.routed_scaling_factor
+    probs = torch.softmax(h @ w.T, dim=-1).gather(1, idx_NK)
+    renorm = family == "mixtral" or config.norm_topk_prob
+    return probs / probs.sum(-1, keepdim=True) if renorm else probs
+
+
+@pytest.mark.parametrize("family,experts", CASES, ids=IDS)
+def test_own_routing_replay_is_bit_exact(family, experts):
+    model = _model(family, experts)
+    rr = RouterReplay(model)
+    ids = _ids()
+    with torch.no_grad():
+        native = model(input_ids=ids).logits
+        with rr.record() as rec:
+            model(input_ids=ids)
+        routed = rec.routed_experts
+        with rr.replay(routed) as handle:
+            replayed = model(input_ids=ids).logits
+    assert routed.shape == (2, 10, model.config.num_hidden_layers, rr.top_k)
+    for layer in range(model.config.num_hidden_layers):
+        if layer in rr.moe_layers:
+            assert (routed[:, :, layer] >= 0).all() and (routed[:, :, layer] < experts).all()
+        else:
+            assert (routed[:, :, layer] == MISSING).all()
+    assert torch.equal(native, replayed)
+    assert torch.equal(handle.native_experts, routed)
+    assert rr.stats["replayed"] == 20 * len(rr.moe_layers)
+    assert rr.stats["fallback"] == 0 and rr.stats["disagree"] == 0 and rr.stats["forwards"] == 1
+
+
+@pytest.mark.parametrize("family,experts", CASES, ids=IDS)
+def test_foreign_routing_is_what_experts_receive_with_family_gates_and_router_grads(family, experts):
+    model = _model(family, experts)
+    ids = _ids()
+    foreign = _perturbed_routing(model, ids)
+    rr = RouterReplay(model)
+    with torch.no_grad():
+        native = model(input_ids=ids).logits
+    spy = _ExpertsSpy(rr)
+    inputs, hooks = _router_inputs(rr)
+    with rr.replay(foreign) as handle:
+        out = model(input_ids=ids).logits
+        out.float().logsumexp(-1).mean().backward()
+    spy.remove()
+    for h in hooks:
+        h.remove()
+    assert not torch.equal(out, native)
+    assert rr.stats["disagree"] > 0
+    for layer in rr.layers:
+        idx, weights = spy.seen[layer.index]
+        expected_idx = foreign[:, :, layer.index].reshape(-1, rr.top_k).long()
+        assert torch.equal(idx, expected_idx), f"layer {layer.index}"
+        ref = _reference_gates(family, model.config, layer.router, inputs[layer.index], expected_idx)
+        torch.testing.assert_close(weights.double(), ref, rtol=1e-5, atol=1e-6)
+        grad = layer.router.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"router of layer {layer.index} got no gradient"
+    # The per-layer disagreement counted during replay is the metric between the two routings.
+    metric = router_disagreement(foreign, handle.native_experts)
+    assert rr.stats["disagree"] == round(metric["router"] * metric["pairs"])
+    for layer in rr.layers:
+        assert rr.stats["disagree_per_layer"][layer.index] == pytest.approx(metric["per_layer"][layer.index])
+
+
+def test_replayed_experts_that_the_trainer_would_not_pick_get_gradient():
+    """The pitfall: gathering from probabilities zeroed outside the trainer's own top-k."""
+    model = _model("qwen3_moe", 8)
+    ids = _ids(1, 6)
+    rr = RouterReplay(model)
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    own = rec.routed_experts
+    # Route every token of every MoE layer to experts the trainer did not choose.
+    foreign = own.clone()
+    for layer in rr.moe_layers:
+        chosen = own[:, :, layer].long()
+        all_e = torch.arange(8).expand(*chosen.shape[:2], 8)
+        unused = all_e[~(all_e.unsqueeze(-1) == chosen.unsqueeze(-2)).any(-1)].view(*chosen.shape[:2], 6)
+        foreign[:, :, layer] = unused[..., :2].to(own.dtype)
+    with rr.replay(foreign):
+        model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+    for layer in rr.layers:
+        rows = layer.router.weight.grad.abs().sum(dim=1)
+        picked = foreign[:, :, layer.index].unique().long()
+        assert (rows[picked] > 0).all()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointed_grads_equal_plain_grads(family, reentrant):
+    ids = _ids()
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(family, 8).train()
+        foreign = _perturbed_routing(model, ids)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        rr = RouterReplay(model)
+        with rr.replay(foreign):
+            loss = F.cross_entropy(model(input_ids=ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+        assert rr.stats["recomputed"] == (len(rr.moe_layers) if checkpointing else 0)
+        assert rr.stats["forwards"] == 1
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_backward_after_the_block_with_checkpointing_raises(reentrant):
+    model = _model("qwen3_moe", 8).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = _ids()
+    foreign = _perturbed_routing(model, ids)
+    rr = RouterReplay(model)
+    with rr.replay(foreign):
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    with pytest.raises(RuntimeError, match="backward after leaving rr.replay"):
+        loss.backward()
+
+
+def test_backward_after_the_block_without_checkpointing_uses_replayed_routing():
+    model = _model("qwen3_moe", 8).train()
+    ids = _ids()
+    foreign = _perturbed_routing(model, ids)
+    rr = RouterReplay(model)
+    with rr.replay(foreign):
+        loss_inside = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        loss_inside.backward()
+    inside = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with rr.replay(foreign):
+        loss_after = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    loss_after.backward()
+    for n, g in inside.items():
+        assert torch.equal(g, model.get_parameter(n).grad), n
+
+
+def test_missing_rows_fall_back_to_native_for_exactly_those_tokens():
+    model = _model("deepseek_v3", 8)
+    ids = _ids()
+    rr = RouterReplay(model)
+    with torch.no_grad():
+        foreign = _perturbed_routing(model, ids)
+        with rr.record() as rec:
+            model(input_ids=ids)
+        own = rec.routed_experts
+        partial = foreign.clone()
+        # token (0, 3) in layer 1 and all of sample 1 in layer 2: native routing there.
+        partial[0, 3, 1] = MISSING
+        partial[1, :, 2] = MISSING
+        spy = _ExpertsSpy(rr)
+        with rr.replay(partial) as handle:
+            model(input_ids=ids)
+        spy.remove()
+    native = handle.native_experts  # what the trainer chose, given the replayed layers before
+    assert rr.stats["fallback"] == 1 + 10
+    assert rr.stats["replayed"] == 2 * 20 - 11
+    got1 = spy.seen[1][0].view(2, 10, -1)
+    assert torch.equal(got1[0, 3], own[0, 3, 1].long())  # first MoE layer: nothing replayed before it
+    assert torch.equal(got1[1], foreign[1, :, 1].long())
+    got2 = spy.seen[2][0].view(2, 10, -1)
+    assert torch.equal(got2[1], native[1, :, 2].long())
+    assert torch.equal(got2[0], foreign[0, :, 2].long())
+
+
+def test_own_routing_with_missing_rows_stays_bit_exact():
+    model = _model("qwen2_moe", 8)
+    ids = _ids()
+    rr = RouterReplay(model)
+    with torch.no_grad():
+        native = model(input_ids=ids).logits
+        with rr.record() as rec:
+            model(input_ids=ids)
+        routed = rec.routed_experts.clone()
+        routed[:, -1] = MISSING  # the engine convention: no row for the last token
+        with rr.replay(routed):
+            out = model(input_ids=ids).logits
+    assert torch.equal(native, out)
+    assert rr.stats["fallback"] == 2 * len(rr.moe_layers)
+
+
+def test_padding_and_packed_sequences():
+    model = _model("mixtral", 8)
+    rr = RouterReplay(model)
+    ids = _ids(2, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    packed = ids.reshape(1, 16)
+    position_ids = torch.cat([torch.arange(8), torch.arange(8)]).unsqueeze(0)
+    with torch.no_grad():
+        for kwargs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": packed, "position_ids": position_ids}):
+            native = model(**kwargs).logits
+            with rr.record() as rec:
+                model(**kwargs)
+            with rr.replay(rec.routed_experts):
+                assert torch.equal(model(**kwargs).logits, native)
+
+
+def test_r2_record_then_replay_in_the_next_forward():
+    model = _model("olmoe", 8).train()
+    ids = _ids()
+    rr = RouterReplay(model)
+    with torch.no_grad(), rr.record() as rec:
+        old = model(input_ids=ids).logits
+    with torch.no_grad():
+        for p in model.parameters():  # an optimizer step in between
+            p.add_(torch.randn_like(p) * 1e-2)
+        native_after = model(input_ids=ids).logits
+    with rr.replay(rec.routed_experts) as handle:
+        new = model(input_ids=ids).logits
+    assert not torch.equal(new, old)
+    assert rr.stats["replayed"] == 20 * 3
+    # After the update the trainer's own choice moved for some tokens; replay kept the old one.
+    assert rr.stats["disagree"] == int((handle.native_experts.sort(-1).values != rec.routed_experts.sort(-1).values).any(-1).sum())
+    assert not torch.equal(native_after, new) or rr.stats["disagree"] == 0
+
+
+def _bad_routings(routed, rr):
+    E = rr.num_experts
+    cases = {}
+    cases["rank"] = (routed[0], r"must be a \[batch, positions, layers, top_k\] tensor, got \(10, 3, 2\)")
+    cases["layers"] = (routed[:, :, :-1], "layers")
+    cases["top_k"] = (routed[..., :1], "top_k")
+    r = routed.clone(); r[1, 4, 0, 0] = E; cases["out of range"] = (r, r"sample 1, row 4, layer 0: expert id >= num_experts")
+    r = routed.clone(); r[0, 2, 2, 1] = -3; cases["negative"] = (r, r"sample 0, row 2, layer 2: negative id")
+    r = routed.clone(); r[1, 7, 2, 1] = r[1, 7, 2, 0]; cases["duplicate"] = (r, r"sample 1, row 7, layer 2: duplicate")
+    r = routed.clone(); r[0, 5, 0, 1] = MISSING; cases["partly missing"] = (r, r"sample 0, row 5, layer 0: row partly -1")
+    r = routed.clone(); r[0, 1, 1] = torch.tensor([0, 1]); cases["dense layer"] = (r, r"sample 0, row 1, layer 1: expert ids in a layer without MoE")
+    cases["unsigned"] = (routed.to(torch.uint8), "not a signed integer dtype")
+    cases["float"] = (routed.float(), "not a signed integer dtype")
+    cases["batch mismatch"] = (routed[:1], r"covers \[batch, positions\]=\(1, 10\) but the forward's input is \(2, 10\)")
+    cases["length mismatch"] = (routed[:, :9], r"\(2, 9\) but the forward's input is \(2, 10\)")
+    return cases
+
+
+def test_malformed_routing_raises_before_the_forward_runs():
+    model = _model("qwen3_moe", 8)  # layer 1 is dense
+    ids = _ids()
+    rr = RouterReplay(model)
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    for name, (bad, message) in _bad_routings(rec.routed_experts, rr).items():
+        with pytest.raises(ValueError, match=message):
+            with rr.replay(bad):
+                model(input_ids=ids)
+        assert not calls, f"{name}: the forward ran before the error"
+        assert rr.mode.value == "off"
+
+
+def test_dtype_too_small_for_the_expert_count():
+    model = _model("qwen3_moe", 300)
+    rr = RouterReplay(model)
+    routed = torch.zeros(1, 4, 3, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 is too small for 300 experts"):
+        with rr.replay(routed):
+            pass
+
+
+def test_unsupported_and_dense_models_are_rejected():
+    import transformers
+
+    dense = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    )
+    with pytest.raises(ValueError, match=r"'qwen3' is not a supported MoE family \(supported: .*qwen3_moe"):
+        RouterReplay(dense)
+    all_dense = tiny_model("qwen3_moe", mlp_only_layers=[0, 1, 2])
+    with pytest.raises(ValueError, match="has no MoE layer"):
+        RouterReplay(all_dense)
+    with pytest.raises(ValueError, match="not a supported MoE family"):
+        RouterReplay(torch.nn.Linear(2, 2))
+
+
+def test_binding_twice_and_remove():
+    model = _model("qwen3_moe", 8)
+    rr = RouterReplay(model)
+    with pytest.raises(ValueError, match="already has a RouterReplay"):
+        RouterReplay(model)
+    rr.remove()
+    rr2 = RouterReplay(model)
+    with pytest.raises(RuntimeError, match="hooks were removed"):
+        with rr.record():
+            pass
+    with rr2.record() as rec, torch.no_grad():
+        model(input_ids=_ids())
+    assert rec.routed_experts.shape[1] == 10
+
+
+def test_replay_binds_to_its_own_model_instance():
+    model = _model("qwen3_moe", 8)
+    rr = RouterReplay(model)
+    twin = copy.deepcopy(model)  # carries the hooks, must not be replayed through rr
+    ids = _ids()
+    foreign = _perturbed_routing(model, ids)
+    with torch.no_grad():
+        twin_native = twin(input_ids=ids).logits
+        with rr.replay(foreign):
+            twin_out = twin(input_ids=ids).logits
+            model_out = model(input_ids=ids).logits
+    assert torch.equal(twin_out, twin_native)
+    assert not torch.equal(model_out, twin_native)
+    assert rr.stats["forwards"] == 1
+
+
+def test_a_layer_that_bypasses_its_router_fails_loudly():
+    model = _model("qwen3_moe", 8)
+    rr = RouterReplay(model)
+    ids = _ids()
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    block = model.model.layers[2].mlp
+    block.forward = lambda hidden: hidden * 0  # a kernel that never calls the router
+    with pytest.raises(RuntimeError, match=r"MoE layers \[2\] were not routed"):
+        with torch.no_grad(), rr.replay(rec.routed_experts):
+            model(input_ids=ids)
+
+
+def test_blocks_do_not_nest_and_record_needs_a_forward():
+    model = _model("qwen3_moe", 8)
+    rr = RouterReplay(model)
+    with rr.record() as rec:
+        with pytest.raises(RuntimeError, match="cannot enter replay inside a record block"):
+            with rr.replay(torch.zeros(1, 1, 3, 2, dtype=torch.int16)):
+                pass
+    with pytest.raises(RuntimeError, match="no forward"):
+        rec.routed_experts
+
+
+def test_core_imports_without_verl_vllm_sglang_or_transformers():
+    code = (
+        "import sys\n"
+        "for name in ('verl', 'vllm', 'sglang', 'transformers'):\n"
+        "    sys.modules[name] = None\n"
+        "import verl_r3\n"
+        "from verl_r3.core import record, replay, metrics\n"
+        "from verl_r3 import RouterReplay, RoutingRecord\n"
+        "assert sys.modules['transformers'] is None\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

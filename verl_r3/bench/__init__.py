@@ -1,0 +1,1 @@
+"""Benchmarks of verl_r3 (run them through ``verl-r3 bench ...``)."""

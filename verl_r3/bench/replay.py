@@ -1,0 +1,194 @@
+"""Overhead of ``rr.replay`` on a training step: forward + backward, native vs replayed routing.
+
+The model is a randomly initialised Qwen3-MoE in fp32, train mode, every layer MoE
+(``mlp_only_layers=[]``), eager attention and the library's default experts kernel. The
+routing replayed is the model's own, recorded once with ``rr.record()`` under
+``torch.no_grad()`` on the same input ids, so the replayed step must be bit-identical to
+the native one (``losses_equal``) and its cost is the replay machinery alone: the
+per-layer target lookup, the gate recomputation from the router's own scores and the
+disagreement counters.
+
+Three variants, interleaved round by round after ``warmup`` untimed rounds (the order in a
+round is fixed: unbound, native, replay):
+
+* ``unbound``: no ``RouterReplay`` bound to the model at all (hooks removed);
+* ``native``: a ``RouterReplay`` bound but idle (no block), native routing;
+* ``replay``: inside ``rr.replay(routed)``.
+
+``ratio`` is ``replay_median / native_median`` against the target ``1.02``; the bound-but-idle
+cost is ``native_median / unbound_median``. Each timed step is ``model(input_ids)``, a
+cross-entropy against the shifted ids in fp32 and ``loss.backward()``, measured with
+``time.perf_counter``; gradients are reset (``set_to_none``) outside the timed region.
+
+Size of the defaults: 8 layers, 64 experts, top-8 and 4096 tokens (4 x 1024) as in the
+issue, with ``hidden=512`` and ``moe_intermediate=256``. On a 2-core CPU one step of that
+shape takes several seconds; smaller ``hidden``/``moe_intermediate`` keep the routing
+shape and shrink only the dense arithmetic (which makes the replay overhead *relatively*
+larger, so a ratio measured there is conservative).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TARGET_RATIO", "run"]
+
+TARGET_RATIO = 1.02
+
+
+def _machine() -> dict:
+    import transformers
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _build(layers: int, experts: int, top_k: int, hidden: int, moe_intermediate: int, seed: int):
+    import transformers
+
+    from verl_r3.tiny import tiny_config
+
+    if hidden < 64 or hidden % 64:
+        raise ValueError(f"hidden must be a positive multiple of 64 (head_dim 64), got {hidden}")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"top_k must be in [1, experts={experts}], got {top_k}")
+    heads = hidden // 64
+    kv_heads = heads // 2 if heads % 2 == 0 else heads
+    config = tiny_config(
+        "qwen3_moe",
+        num_experts=experts,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        moe_intermediate_size=moe_intermediate,
+        num_experts_per_tok=top_k,
+        mlp_only_layers=[],
+        intermediate_size=2 * hidden,
+        head_dim=64,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.train()
+
+
+def _step(model, ids: torch.Tensor) -> tuple[float, float]:
+    """One forward + backward; returns (seconds, loss)."""
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    seconds = time.perf_counter() - start
+    return seconds, loss.item()
+
+
+def run(
+    *,
+    layers: int = 8,
+    experts: int = 64,
+    top_k: int = 8,
+    hidden: int = 512,
+    moe_intermediate: int = 256,
+    tokens: int = 4096,
+    batch: int = 4,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Time forward + backward with native and replayed routing; see the module docstring."""
+    from verl_r3.core.replay import RouterReplay
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    if batch < 1 or tokens < 2 * batch:
+        raise ValueError(f"tokens must be at least 2 * batch, got tokens={tokens}, batch={batch}")
+    seq = tokens // batch
+    model = _build(layers, experts, top_k, hidden, moe_intermediate, seed)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator)
+
+    rr = RouterReplay(model)
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    routed = rec.routed_experts
+    rr.remove()
+
+    times: dict[str, list[float]] = {"unbound": [], "native": [], "replay": []}
+    losses: dict[str, list[float]] = {"unbound": [], "native": [], "replay": []}
+    stats: dict = {}
+    for round_ in range(warmup + repeats):
+        timed = round_ >= warmup
+        # unbound: the model as if RouterReplay never existed
+        seconds, loss = _step(model, ids)
+        if timed:
+            times["unbound"].append(seconds)
+            losses["unbound"].append(loss)
+        rr = RouterReplay(model)
+        try:
+            seconds, loss = _step(model, ids)  # bound, idle
+            if timed:
+                times["native"].append(seconds)
+                losses["native"].append(loss)
+            with rr.replay(routed):
+                seconds, loss = _step(model, ids)
+            stats = rr.stats
+            if timed:
+                times["replay"].append(seconds)
+                losses["replay"].append(loss)
+        finally:
+            rr.remove()
+    model.zero_grad(set_to_none=True)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = medians["replay"] / medians["native"]
+    return {
+        "benchmark": "replay",
+        "machine": _machine(),
+        "shape": {
+            "family": "qwen3_moe",
+            "layers": layers,
+            "experts": experts,
+            "top_k": top_k,
+            "hidden": hidden,
+            "moe_intermediate": moe_intermediate,
+            "tokens": batch * seq,
+            "batch": batch,
+            "seq": seq,
+            "dtype": "float32",
+            "experts_implementation": getattr(model.config, "_experts_implementation", None),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        },
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "unbound_s": times["unbound"],
+        "native_s": times["native"],
+        "replay_s": times["replay"],
+        "unbound_median": medians["unbound"],
+        "native_median": medians["native"],
+        "replay_median": medians["replay"],
+        "ratio": ratio,
+        "bound_idle_ratio": medians["native"] / medians["unbound"],
+        "target": TARGET_RATIO,
+        "within_target": ratio <= TARGET_RATIO,
+        "losses": losses,
+        "losses_equal": losses["replay"] == losses["native"] and losses["native"] == losses["unbound"],
+        "replayed": int(stats.get("replayed", 0)),
+        "disagree": int(stats.get("disagree", 0)),
+        "fallback": int(stats.get("fallback", 0)),
+    }

@@ -1,0 +1,323 @@
+"""Training-inference mismatch metrics for Rollout Routing Replay (R3).
+
+Pure functions over torch tensors: they import only torch and the standard
+library, never move data between devices, and return plain ``dict`` objects
+of Python floats with short keys (the caller adds a prefix such as
+``"mismatch/"``).
+
+Shape legend (suffixes on names)
+--------------------------------
+``B``  batch (sequences)
+``T``  tokens (response positions)
+``L``  layers (MoE router layers)
+``K``  top-k (expert slots chosen per token per layer)
+``N``  flattened selected tokens (or (token, layer) pairs, as stated)
+``U``  number of thresholds ``tau``
+``...`` any number of leading token dimensions (e.g. ``B, T`` or ``N``)
+
+Log-probability mismatch (``logprob_mismatch``)
+-----------------------------------------------
+For each response token kept by the mask, the per-token probability ratio is
+
+    r_t = p_train(y_t) / p_rollout(y_t) = exp(log p_train - log p_rollout),
+
+computed in float64 from the log difference (the log-probs are never
+exponentiated separately, so tiny probabilities do not underflow).
+
+``k3_kl``
+    Mean over masked tokens of ``r - 1 - log r`` (Schulman's "k3" estimator).
+    Tokens are sampled from the rollout policy, so this is an unbiased,
+    always non-negative estimate of KL(pi_rollout || pi_train) per token;
+    it is 0 exactly when the two engines agree on every token.
+``extreme_frac_{tau}``
+    Fraction of masked tokens whose ratio is off by more than a factor tau in
+    either direction: ``max(r, 1/r) > tau``, i.e. ``|log r| > log tau``.
+    The key is formatted with ``f"extreme_frac_{tau:g}"`` (1.5 ->
+    ``extreme_frac_1.5``, 2.0 -> ``extreme_frac_2``). Requires tau > 1.
+``tokens``
+    Number of masked tokens the statistics are taken over (as a float).
+
+``extreme_frac_curve`` returns the same fraction F(tau) for a whole 1-D
+tensor of thresholds at once (for plotting F against tau).
+
+Router disagreement (``router_disagreement``)
+---------------------------------------------
+Inputs are the top-K expert ids chosen by two routers (e.g. inference engine
+vs. training forward) with shape ``[..., L, K]``. A row of K ``-1`` entries
+means "no routing recorded for this token in this layer" (dense layers are
+``-1`` everywhere). Expert choices are compared as sets: both rows are sorted
+along K before comparison, so the order within K does not matter.
+
+A (token, layer) pair is *counted* when both inputs have routing there (neither
+row is all ``-1``) and the token is selected by ``token_mask`` (if given).
+
+``router``
+    Fraction of counted (token, layer) pairs whose expert sets differ.
+``token``
+    Among tokens with at least one counted layer, the fraction that differ in
+    at least one layer.
+``layers_per_token``
+    Among tokens that differ in at least one counted layer, the mean number of
+    differing layers (so it is >= 1 whenever any token differs; 0.0 if none).
+``pairs``
+    Number of counted (token, layer) pairs (as a float).
+``per_layer``
+    Python list of length L: per-layer fraction of counted pairs that differ,
+    ``float('nan')`` for a layer with no counted pair.
+
+If nothing is counted the fractions and ``layers_per_token`` are 0.0, ``pairs``
+is 0.0 and ``per_layer`` is all nan (no error: e.g. a dense-only model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "DEFAULT_TAUS",
+    "logprob_mismatch",
+    "extreme_frac_curve",
+    "router_disagreement",
+]
+
+DEFAULT_TAUS = (1.5, 2.0, 5.0, 10.0)
+
+_SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------
+
+
+def _as_bool_mask(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``mask`` as a bool tensor; accepts bool or numeric 0/1 values."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise ValueError(f"{name} must be bool or 0/1 numbers, got dtype {mask.dtype}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must contain only 0/1 (or bool) values")
+    return mask != 0
+
+
+def _masked_log_ratio(
+    rollout_log_probs: torch.Tensor,
+    train_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Validate inputs and return ``log r = train - rollout`` at masked tokens.
+
+    Returns a 1-D float64 tensor ``log_ratio_N`` (N = number of masked tokens).
+    """
+    for name, t in (("rollout_log_probs", rollout_log_probs), ("train_log_probs", train_log_probs)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if rollout_log_probs.shape != train_log_probs.shape:
+        raise ValueError(
+            "rollout_log_probs and train_log_probs must have the same shape, got "
+            f"rollout_log_probs {tuple(rollout_log_probs.shape)} and "
+            f"train_log_probs {tuple(train_log_probs.shape)}"
+        )
+    if not isinstance(response_mask, torch.Tensor):
+        raise ValueError(f"response_mask must be a torch.Tensor, got {type(response_mask).__name__}")
+    if response_mask.shape != rollout_log_probs.shape:
+        raise ValueError(
+            "response_mask must have the same shape as the log-probs, got "
+            f"response_mask {tuple(response_mask.shape)} and log-probs "
+            f"{tuple(rollout_log_probs.shape)}"
+        )
+    mask = _as_bool_mask(response_mask, "response_mask")
+    if not bool(mask.any()):
+        raise ValueError("response_mask selects no token: cannot compute mismatch metrics")
+
+    finite = torch.isfinite(rollout_log_probs) & torch.isfinite(train_log_probs)
+    bad = mask & ~finite
+    if bool(bad.any()):
+        idx = tuple(bad.nonzero()[0].tolist())  # first offending index, row-major
+        where = f"(sample, position) = {idx}" if len(idx) == 2 else f"index {idx}"
+        raise ValueError(
+            f"non-finite log-prob at masked {where}: "
+            f"rollout={float(rollout_log_probs[idx])}, train={float(train_log_probs[idx])}"
+        )
+
+    log_ratio = train_log_probs.to(torch.float64) - rollout_log_probs.to(torch.float64)
+    return log_ratio[mask]
+
+
+def _log_taus(taus: Union[torch.Tensor, Sequence[float]], device: torch.device) -> torch.Tensor:
+    """Validate thresholds (1-D, all > 1) and return ``log(tau)`` as float64 ``[U]``."""
+    taus_U = torch.as_tensor(taus, dtype=torch.float64)
+    if taus_U.dim() != 1:
+        raise ValueError(f"taus must be 1-D, got shape {tuple(taus_U.shape)}")
+    # ``~(tau > 1)`` also rejects NaN.
+    if bool((~(taus_U > 1)).any()):
+        raise ValueError(f"every tau must be > 1 (a ratio threshold), got {taus_U.tolist()}")
+    return taus_U.log().to(device)
+
+
+def _extreme_fracs(abs_log_ratio_N: torch.Tensor, log_taus_U: torch.Tensor) -> torch.Tensor:
+    """F(tau) = fraction of entries with ``|log r| > log tau``, float64 ``[U]``.
+
+    Uses one sort plus a binary search, so memory stays O(N + U).
+    """
+    sorted_N = abs_log_ratio_N.sort().values
+    n = sorted_N.numel()
+    # count of entries <= log tau; the rest are strictly greater.
+    at_most_U = torch.searchsorted(sorted_N, log_taus_U, right=True)
+    return (n - at_most_U).to(torch.float64) / n
+
+
+# --------------------------------------------------------------------------
+# log-probability mismatch
+# --------------------------------------------------------------------------
+
+
+def logprob_mismatch(
+    rollout_log_probs: torch.Tensor,
+    train_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    taus: Iterable[float] = DEFAULT_TAUS,
+) -> dict:
+    """Per-token log-prob mismatch between the rollout and training engines.
+
+    Args:
+        rollout_log_probs: float tensor, e.g. ``[B, T]``, log p_rollout of the
+            sampled tokens.
+        train_log_probs: float tensor of the same shape, log p_train.
+        response_mask: same shape, bool or 0/1 numbers; only masked-in tokens
+            count (other positions may hold anything, including -inf/nan).
+        taus: ratio thresholds, each > 1.
+
+    Returns:
+        ``{"k3_kl": float, "extreme_frac_{tau:g}": float (one per tau),
+        "tokens": float}``.
+
+    Raises:
+        ValueError: shape mismatch, non-float log-probs, invalid mask, empty
+            mask, non-finite log-prob at a masked position, or a tau <= 1.
+    """
+    taus = [float(t) for t in taus]
+    log_ratio_N = _masked_log_ratio(rollout_log_probs, train_log_probs, response_mask)
+    log_taus_U = _log_taus(taus, log_ratio_N.device)
+
+    # r - 1 - log r with r = exp(log r); expm1 keeps precision for small |log r|.
+    k3_N = torch.expm1(log_ratio_N) - log_ratio_N
+    out = {"k3_kl": float(k3_N.mean())}
+    fracs_U = _extreme_fracs(log_ratio_N.abs(), log_taus_U).tolist()
+    for tau, frac in zip(taus, fracs_U):
+        out[f"extreme_frac_{tau:g}"] = float(frac)
+    out["tokens"] = float(log_ratio_N.numel())
+    return out
+
+
+def extreme_frac_curve(
+    rollout_log_probs: torch.Tensor,
+    train_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    taus: Union[torch.Tensor, Sequence[float]],
+) -> torch.Tensor:
+    """F(tau) = fraction of masked tokens with ``max(r, 1/r) > tau``, per tau.
+
+    Same inputs and validation as :func:`logprob_mismatch`; ``taus`` is a 1-D
+    tensor (or sequence) of thresholds, each > 1. Returns a float64 tensor of
+    shape ``[U]`` on the log-probs' device, aligned with ``taus``.
+    """
+    log_ratio_N = _masked_log_ratio(rollout_log_probs, train_log_probs, response_mask)
+    log_taus_U = _log_taus(taus, log_ratio_N.device)
+    return _extreme_fracs(log_ratio_N.abs(), log_taus_U)
+
+
+# --------------------------------------------------------------------------
+# router disagreement
+# --------------------------------------------------------------------------
+
+
+def router_disagreement(
+    routed_a: torch.Tensor,
+    routed_b: torch.Tensor,
+    token_mask: Optional[torch.Tensor] = None,
+) -> dict:
+    """Compare two top-K routings ``[..., L, K]`` as expert sets.
+
+    Args:
+        routed_a: signed integer tensor ``[..., L, K]`` of expert ids; a row of
+            K ``-1`` means no routing recorded for that (token, layer).
+        routed_b: same shape (any signed integer dtype).
+        token_mask: optional bool (or 0/1) tensor of shape ``[...]`` selecting
+            tokens.
+
+    Returns:
+        ``{"router": float, "token": float, "layers_per_token": float,
+        "pairs": float, "per_layer": list[float] (length L)}``; see the module
+        docstring for definitions.
+
+    Raises:
+        ValueError: shape mismatch, non-(signed-)integer dtype, rank < 2, or a
+            token_mask of the wrong shape.
+    """
+    for name, t in (("routed_a", routed_a), ("routed_b", routed_b)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _SIGNED_INT_DTYPES:
+            raise ValueError(
+                f"{name} must be a signed integer tensor (int8/int16/int32/int64; "
+                f"-1 marks no routing), got dtype {t.dtype}"
+            )
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have rank >= 2 ([..., L, K]), got shape {tuple(t.shape)}")
+    if routed_a.shape != routed_b.shape:
+        raise ValueError(
+            "routed_a and routed_b must have the same shape, got "
+            f"routed_a {tuple(routed_a.shape)} and routed_b {tuple(routed_b.shape)}"
+        )
+    token_shape = routed_a.shape[:-2]
+    num_layers = routed_a.shape[-2]
+
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor):
+            raise ValueError(f"token_mask must be a torch.Tensor, got {type(token_mask).__name__}")
+        if token_mask.shape != token_shape:
+            raise ValueError(
+                f"token_mask must have shape {tuple(token_shape)} (routing shape without the "
+                f"trailing [L, K]), got {tuple(token_mask.shape)}"
+            )
+        token_mask = _as_bool_mask(token_mask, "token_mask")
+
+    # explicit N (not -1) so that empty tensors, L == 0 or K == 0 still reshape.
+    num_tokens = math.prod(token_shape)
+    a_NLK = routed_a.reshape(num_tokens, num_layers, routed_a.shape[-1])
+    b_NLK = routed_b.reshape(num_tokens, num_layers, routed_b.shape[-1])
+
+    counted_NL = ~(a_NLK == -1).all(dim=-1) & ~(b_NLK == -1).all(dim=-1)
+    if token_mask is not None:
+        counted_NL = counted_NL & token_mask.reshape(-1, 1)
+
+    differ_NL = (a_NLK.sort(dim=-1).values != b_NLK.sort(dim=-1).values).any(dim=-1)
+    differ_NL = differ_NL & counted_NL
+
+    counted_L = counted_NL.sum(dim=0).to(torch.float64)
+    differ_L = differ_NL.sum(dim=0).to(torch.float64)
+    per_layer_L = torch.where(
+        counted_L > 0, differ_L / counted_L.clamp(min=1), torch.full_like(counted_L, math.nan)
+    )
+
+    pairs = float(counted_L.sum())
+    differing_pairs = float(differ_L.sum())
+    tokens_counted = int(counted_NL.any(dim=-1).sum())
+    tokens_differing = int(differ_NL.any(dim=-1).sum())
+
+    return {
+        "router": differing_pairs / pairs if pairs > 0 else 0.0,
+        "token": tokens_differing / tokens_counted if tokens_counted > 0 else 0.0,
+        "layers_per_token": differing_pairs / tokens_differing if tokens_differing > 0 else 0.0,
+        "pairs": pairs,
+        "per_layer": [float(x) for x in per_layer_L.tolist()],
+    }
