@@ -184,7 +184,7 @@ class RouterReplay:
         self._targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._forward: _Forward | None = None
         self._handle: RecordHandle | ReplayHandle | None = None
-        self._counts: dict[str, torch.Tensor | int] = {}
+        self._counts = _Counts(Mode.OFF, self.num_layers)
         self._hooks = self._install()
         _BOUND[model] = self
 
@@ -307,7 +307,7 @@ class RouterReplay:
         if not self._hooks:
             raise RuntimeError("RouterReplay: hooks were removed; bind a new RouterReplay")
         self.mode, self._handle, self._forward = mode, handle, None
-        self._counts = {"forwards": 0, "recomputed": 0}
+        self._counts = _Counts(mode, self.num_layers)
         try:
             yield
         finally:
@@ -322,18 +322,7 @@ class RouterReplay:
         layer, nan for layers without MoE or nothing replayed), recomputed (router calls in
         checkpoint recomputes, not counted in the other figures).
         """
-        out: dict = {}
-        for key, value in self._counts.items():
-            if key == "disagree_L":
-                continue
-            out[key] = int(value) if not isinstance(value, torch.Tensor) or value.dim() == 0 else value
-        if "disagree_L" in self._counts:
-            per = self._counts["disagree_L"].double() / self._counts["replayed_L"].double()
-            out["disagree_per_layer"] = [
-                float(per[i]) if i in self.moe_layers else math.nan for i in range(self.num_layers)
-            ]
-            out.pop("replayed_L", None)
-        return out
+        return self._counts.as_dict(self.moe_layers)
 
     # -- per forward ---------------------------------------------------------------------
     def _begin_forward(self, args, kwargs) -> None:
@@ -363,7 +352,7 @@ class RouterReplay:
                 "module in this forward (a fused or hub kernel bypassing it, or modules replaced after binding); "
                 "replay would be a silent no-op"
             )
-        self._counts["forwards"] += 1
+        self._counts.forwards += 1
         shape = fwd.shape or (1, next(iter(fwd.chosen.values())).shape[0])
         chosen = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=self._dtype,
                             device=next(iter(fwd.chosen.values())).device)
@@ -407,10 +396,10 @@ class RouterReplay:
             layer.last_mode = self.mode
             fwd.chosen[layer.index] = idx_NK.detach().to(self._dtype)
         else:
-            self._counts["recomputed"] += 1
+            self._counts.recomputed += 1
         if self.mode is Mode.RECORD:
             if not recompute:
-                self._counts["recorded"] = self._counts.get("recorded", 0) + idx_NK.shape[0]
+                self._counts.recorded += idx_NK.shape[0]
             return None
         targets_NK, missing_N = self._layer_targets(layer, idx_NK.device)
         if targets_NK.shape[0] != idx_NK.shape[0]:
@@ -425,14 +414,44 @@ class RouterReplay:
         return gates_NK, chosen_NK
 
     def _count_replay(self, index: int, native_NK, targets_NK, missing_N) -> None:
+        # Tensors stay on the device: no host sync per layer; rr.stats converts once.
         counts = self._counts
-        if "disagree_L" not in counts:
-            zeros = torch.zeros(self.num_layers, dtype=torch.long, device=native_NK.device)
-            counts.update(replayed_L=zeros, disagree_L=zeros.clone(), fallback=zeros.new_zeros(()))
+        if counts.replayed_L is None:
+            counts.replayed_L = torch.zeros(self.num_layers, dtype=torch.long, device=native_NK.device)
+            counts.fallback_L = torch.zeros_like(counts.replayed_L)
+            counts.disagree_L = torch.zeros_like(counts.replayed_L)
         differ_N = (native_NK.sort(dim=-1).values != targets_NK.sort(dim=-1).values).any(dim=-1) & ~missing_N
         fallback = missing_N.sum()
-        counts["fallback"] = counts["fallback"] + fallback
-        counts["replayed_L"][index] += missing_N.numel() - fallback
-        counts["disagree_L"][index] += differ_N.sum()
-        counts["replayed"] = counts["replayed_L"].sum()
-        counts["disagree"] = counts["disagree_L"].sum()
+        counts.fallback_L[index] += fallback
+        counts.replayed_L[index] += missing_N.numel() - fallback
+        counts.disagree_L[index] += differ_N.sum()
+
+
+@dataclass
+class _Counts:
+    """Counters of one block, in (token, layer) pairs; see RouterReplay.stats."""
+
+    mode: Mode
+    num_layers: int
+    forwards: int = 0
+    recomputed: int = 0
+    recorded: int = 0
+    replayed_L: torch.Tensor | None = None
+    fallback_L: torch.Tensor | None = None
+    disagree_L: torch.Tensor | None = None
+
+    def as_dict(self, moe_layers: frozenset[int]) -> dict:
+        out = {"forwards": self.forwards, "recomputed": self.recomputed}
+        if self.mode is Mode.RECORD:
+            out["recorded"] = self.recorded
+        elif self.mode is Mode.REPLAY:
+            if self.replayed_L is None:
+                replayed = fallback = disagree = [0] * self.num_layers
+            else:
+                replayed, fallback, disagree = (t.tolist() for t in (self.replayed_L, self.fallback_L, self.disagree_L))
+            out.update(replayed=sum(replayed), fallback=sum(fallback), disagree=sum(disagree))
+            out["disagree_per_layer"] = [
+                disagree[i] / replayed[i] if i in moe_layers and replayed[i] else math.nan
+                for i in range(self.num_layers)
+            ]
+        return out

@@ -1,0 +1,144 @@
+"""The routing record: compact storage, wire encoding, alignment, stitching, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verl_r3.core.record import MISSING, RoutingRecord, dense_dtype, storage_dtype, validate_routing
+
+
+def _routing(rows, layers, top_k, experts, seed=0, missing=(), dense_layers=()):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, layers, experts, generator=g)
+    routed = scores.topk(top_k, dim=-1).indices.to(dense_dtype(experts))
+    for row, layer in missing:
+        routed[row, layer] = MISSING
+    for layer in dense_layers:
+        routed[:, layer] = MISSING
+    return routed
+
+
+@pytest.mark.parametrize("experts,dtype", [(8, torch.uint8), (256, torch.uint8), (257, torch.uint16), (300, torch.uint16)])
+def test_storage_dtype(experts, dtype):
+    assert storage_dtype(experts) == dtype
+
+
+@pytest.mark.parametrize("bad", [0, 65536])
+def test_storage_dtype_rejects_impossible_counts(bad):
+    with pytest.raises(ValueError, match="num_experts must be in"):
+        storage_dtype(bad)
+
+
+@pytest.mark.parametrize("experts", [8, 256, 300])
+@pytest.mark.parametrize("with_missing", [False, True])
+def test_dense_compact_wire_round_trip_is_exact(experts, with_missing):
+    missing = [(0, 1), (5, 2)] if with_missing else []
+    routed = _routing(7, 4, 3, experts, missing=missing, dense_layers=[0])
+    record = RoutingRecord.from_dense(routed, experts, start=3)
+    assert record.ids.dtype == storage_dtype(experts)
+    assert (record.rows, record.num_layers, record.top_k, record.start, record.end) == (7, 4, 3, 3, 10)
+    assert torch.equal(record.to_dense(), routed)
+    wire = record.to_wire()
+    assert set(wire) == {"data", "shape", "dtype", "start", "num_experts", "missing"}
+    back = RoutingRecord.from_wire(wire)
+    assert torch.equal(back.to_dense(), routed) and back.start == 3 and back.num_experts == experts
+    assert torch.equal(back.missing_mask(), routed.eq(MISSING).all(-1))
+
+
+def test_uint8_record_of_256_experts_uses_every_id_and_one_byte_each():
+    routed = torch.tensor([[[255, 0]], [[128, 254]]], dtype=torch.int16)
+    record = RoutingRecord.from_dense(routed, 256)
+    assert record.missing is None
+    assert record.nbytes == routed.numel()  # exactly one byte per id
+    assert torch.equal(record.to_dense(), routed)
+    gapped = torch.cat([routed, torch.full((1, 1, 2), MISSING, dtype=torch.int16)])
+    record = RoutingRecord.from_dense(gapped, 256)
+    assert record.missing is not None and record.nbytes == gapped.numel() + 1  # plus one mask byte
+    assert torch.equal(RoutingRecord.from_wire(record.to_wire()).to_dense(), gapped)
+
+
+def test_to_dense_aligns_engine_rows_to_positions():
+    routed = _routing(5, 2, 2, 8)  # 5 rows: a sequence of 6 tokens in the engine convention
+    record = RoutingRecord.from_dense(routed, 8)
+    by_position = record.to_dense(length=6)
+    assert torch.equal(by_position[:5], routed)
+    assert (by_position[5] == MISSING).all()
+    assert torch.equal(record.to_dense(length=5), routed)  # rows == tokens is accepted too
+    for length in (4, 7, 9):
+        with pytest.raises(ValueError, match=f"covers positions \\[0, 5\\) but the sequence has {length} tokens"):
+            record.to_dense(length=length)
+
+
+def test_stitch_appends_turns_and_keeps_earlier_rows():
+    whole = _routing(12, 3, 2, 16, seed=4)
+    first = RoutingRecord.from_dense(whole[:5], 16)
+    second = RoutingRecord.from_dense(whole[5:9], 16, start=5)
+    third = RoutingRecord.from_dense(whole[7:12], 16, start=7)  # overlaps rows 7, 8 identically
+    stitched = first.stitch(second).stitch(third)
+    assert stitched.start == 0 and stitched.end == 12
+    assert torch.equal(stitched.to_dense(), whole)
+    contained = RoutingRecord.from_dense(whole[2:4], 16, start=2)
+    assert stitched.stitch(contained) is stitched
+
+
+def test_stitch_rejects_disagreeing_overlaps_gaps_and_mismatched_models():
+    whole = _routing(10, 3, 2, 16, seed=5)
+    first = RoutingRecord.from_dense(whole[:6], 16)
+    changed = whole[4:8].clone()
+    changed[1, 2] = torch.tensor([15, 14], dtype=changed.dtype)
+    if torch.equal(changed[1, 2], whole[5, 2]):
+        changed[1, 2] = torch.tensor([13, 12], dtype=changed.dtype)
+    with pytest.raises(ValueError, match="overlaps the record at row 5, layer 2 with different experts"):
+        first.stitch(RoutingRecord.from_dense(changed, 16, start=4))
+    with pytest.raises(ValueError, match=r"rows \[6, 7\) would have no routing"):
+        first.stitch(RoutingRecord.from_dense(whole[7:], 16, start=7))
+    later = RoutingRecord.from_dense(whole[3:], 16, start=3)
+    with pytest.raises(ValueError, match="before the record's first row 3"):
+        later.stitch(first)
+    with pytest.raises(ValueError, match="cannot stitch routing"):
+        first.stitch(RoutingRecord.from_dense(whole[6:], 32, start=6))
+
+
+def test_validate_names_sample_row_and_layer_for_every_malformed_class():
+    base = _routing(6, 3, 2, 8, dense_layers=[1])
+    kw = dict(num_layers=3, top_k=2, num_experts=8, moe_layers=frozenset({0, 2}), sample=4)
+    validate_routing(base, **kw)
+    cases = []
+    r = base.clone(); r[2, 0, 1] = 8; cases.append((r, "sample 4, row 2, layer 0: expert id >= num_experts=8"))
+    r = base.clone(); r[3, 2, 0] = -2; cases.append((r, "sample 4, row 3, layer 2: negative id"))
+    r = base.clone(); r[1, 2, 1] = r[1, 2, 0]; cases.append((r, "sample 4, row 1, layer 2: duplicate"))
+    r = base.clone(); r[5, 0, 0] = MISSING; cases.append((r, "sample 4, row 5, layer 0: row partly -1"))
+    r = base.clone(); r[0, 1] = torch.tensor([1, 2]); cases.append((r, "sample 4, row 0, layer 1: expert ids in a layer without MoE"))
+    cases.append((base[:, :2], "2 layers but the model has num_hidden_layers=3"))
+    cases.append((base[..., :1], "top_k 1 but the model routes each token to 2 experts"))
+    cases.append((base[0, 0], "expected rank 3"))
+    cases.append((base.to(torch.uint8), "not a signed integer dtype .*RoutingRecord.to_dense"))
+    for routed, message in cases:
+        with pytest.raises(ValueError, match=message):
+            validate_routing(routed, **kw)
+    with pytest.raises(ValueError, match="int8 is too small for 300 experts"):
+        validate_routing(torch.zeros(2, 1, 1, dtype=torch.int8), num_layers=1, top_k=1, num_experts=300)
+
+
+def test_from_dense_and_from_wire_reject_corrupt_input():
+    routed = _routing(4, 2, 2, 8)
+    bad = routed.clone(); bad[1, 1, 0] = 9
+    with pytest.raises(ValueError, match="sample 3, row 1, layer 1: expert id >= num_experts"):
+        RoutingRecord.from_dense(bad, 8, sample=3)
+    wire = RoutingRecord.from_dense(routed, 8).to_wire()
+    with pytest.raises(ValueError, match="needs 16"):
+        RoutingRecord.from_wire(dict(wire, data=wire["data"][:-1]))
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        RoutingRecord.from_wire(dict(wire, dtype="int32"))
+    with pytest.raises(ValueError, match="does not match 300 experts"):
+        RoutingRecord.from_wire(dict(wire, num_experts=300))
+    with pytest.raises(ValueError, match="malformed routing wire record"):
+        RoutingRecord.from_wire({"data": b""})
+    out_of_range = bytes([200]) + wire["data"][1:]
+    with pytest.raises(ValueError, match="routing wire record: row 0, layer 0: expert id >= num_experts=8"):
+        RoutingRecord.from_wire(dict(wire, data=out_of_range))
+    wide = RoutingRecord.from_dense(_routing(2, 1, 2, 300), 300).to_wire()
+    partly = bytearray(wide["data"]); partly[2:4] = b"\xff\xff"  # slot 1 of row 0 holds the reserved value
+    with pytest.raises(ValueError, match="expert id >= num_experts=300"):
+        RoutingRecord.from_wire(dict(wide, data=bytes(partly)))

@@ -1,0 +1,140 @@
+"""``verl-r3``: the console entry point.
+
+    verl-r3 demo [--quick] [--seed N]          the replay demo on a tiny MoE (verl_r3.demo)
+    verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
+    verl-r3 --version
+
+Subcommands import their modules (torch models, transformers) only when they run, so
+``verl-r3 --help`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from verl_r3 import __version__
+
+__all__ = ["build_parser", "main"]
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="verl-r3", description="Rollout Routing Replay (R3) for Mixture-of-Experts RL with verl."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="replay demo on a tiny MoE, on CPU",
+                               description="Replay demo on a tiny MoE, on CPU (verl_r3.demo).")
+    demo.add_argument("--quick", action="store_true", help="a shorter run")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.set_defaults(func=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks of verl_r3.")
+    benches = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    replay = benches.add_parser(
+        "replay",
+        help="forward+backward time, native vs replayed routing",
+        description="Time forward + backward of a Qwen3-MoE (fp32, CPU threads of this process) with native "
+        "routing and inside rr.replay(own routing), interleaved; report the medians and their ratio "
+        "(target <= 1.02) and check that the replayed losses equal the native ones bit for bit.",
+    )
+    replay.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    replay.add_argument("--repeats", type=_positive, default=5, help="timed rounds (default 5)")
+    replay.add_argument("--warmup", type=_non_negative, default=1, help="untimed rounds first (default 1)")
+    replay.add_argument("--tokens", type=_positive, default=4096, help="tokens per step (default 4096)")
+    replay.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
+    replay.add_argument("--layers", type=_positive, default=8, help="decoder layers, all MoE (default 8)")
+    replay.add_argument("--experts", type=_positive, default=64, help="routed experts (default 64)")
+    replay.add_argument("--top-k", type=_positive, default=8, help="experts per token (default 8)")
+    replay.add_argument("--hidden", type=_positive, default=None,
+                        help="hidden size, a multiple of 64 (default: the benchmark's)")
+    replay.add_argument("--moe-intermediate", type=_positive, default=None,
+                        help="expert intermediate size (default: the benchmark's)")
+    replay.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    replay.set_defaults(func=_bench_replay)
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from verl_r3 import demo  # lazy: builds models; an ImportError here means verl_r3.demo is missing
+
+    result = demo.main(args)
+    return result if isinstance(result, int) else 0
+
+
+def _bench_replay(args: argparse.Namespace) -> int:
+    from verl_r3.bench import replay
+
+    kwargs = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, batch=args.batch,
+                  repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+    if args.hidden is not None:
+        kwargs["hidden"] = args.hidden
+    if args.moe_intermediate is not None:
+        kwargs["moe_intermediate"] = args.moe_intermediate
+    try:
+        result = replay.run(**kwargs)
+    except ValueError as exc:
+        print(f"verl-r3 bench replay: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_replay(result))
+    return 0
+
+
+def format_replay(result: dict) -> str:
+    """The readable table of a ``verl_r3.bench.replay.run`` result."""
+    s, m = result["shape"], result["machine"]
+
+    def row(name: str, key: str) -> str:
+        runs = ", ".join(f"{t:.3f}" for t in result[f"{key}_s"])
+        return f"  {name:<22}{result[f'{key}_median']:9.3f} s   runs: {runs}"
+
+    verdict = "within" if result["ratio"] <= result["target"] else "ABOVE"
+    lines = [
+        "verl-r3 bench replay: forward + backward, native routing vs rr.replay(own routing)",
+        f"shape    {s['layers']} layers x {s['experts']} experts, top-{s['top_k']}, hidden {s['hidden']}, "
+        f"moe_intermediate {s['moe_intermediate']}, {s['tokens']} tokens ({s['batch']} x {s['seq']}), "
+        f"{s['dtype']}, experts={s['experts_implementation']}, attention={s['attn_implementation']}",
+        f"machine  {m['processor']} ({m['machine']}), {m['cpu_count']} CPUs, {m['threads']} torch threads, "
+        f"torch {m['torch']}, transformers {m['transformers']}",
+        f"rounds   {result['repeats']} timed (+{result['warmup']} warmup), interleaved; median seconds:",
+    ]
+    if result.get("unbound_s"):
+        lines.append(row("unbound (no hooks)", "unbound"))
+    lines += [
+        row("native (bound, idle)", "native"),
+        row("replay (own routing)", "replay"),
+        f"ratio    {result['ratio']:.4f} replay / native  (target <= {result['target']}: {verdict})",
+        f"losses_equal {result['losses_equal']}  (replayed {result['replayed']} token-layer pairs, "
+        f"disagree {result['disagree']}, fallback {result['fallback']})",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
