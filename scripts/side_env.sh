@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Print the path of a side environment built from requirements/<name>.txt, building it if
 # missing. Side environments live under ~/.cache/verl_r3/envs, keyed by a hash of their
-# requirements (and this script), so they are rebuilt only when those change.
+# requirements (and this script), so they are rebuilt only when those change. verl_r3 is
+# not installed there (the cache outlives any one checkout): run them with PYTHONPATH set
+# to the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1
@@ -16,7 +18,6 @@ if [ ! -f "$ENV_DIR/.ready" ]; then
     pip() { "$ENV_DIR/bin/python" -m pip --disable-pip-version-check -q "$@"; }
     pip install torch==2.13.0 >&2
     pip install -r "$REQ" -r requirements/dev.txt >&2
-    pip install --no-deps -e . >&2
     touch "$ENV_DIR/.ready"
 fi
 echo "$ENV_DIR"

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--moe-intermediate", type=_positive, default=None,
                         help="expert intermediate size (default: the benchmark's)")
     replay.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    replay.add_argument("--threads", type=_non_negative, default=1,
+                        help="torch threads (default 1: steadier timings; 0 keeps torch's default)")
     replay.set_defaults(func=_bench_replay)
     return parser
 
@@ -83,7 +85,7 @@ def _bench_replay(args: argparse.Namespace) -> int:
     from verl_r3.bench import replay
 
     kwargs = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, batch=args.batch,
-                  repeats=args.repeats, warmup=args.warmup, seed=args.seed)
+                  repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads or None)
     if args.hidden is not None:
         kwargs["hidden"] = args.hidden
     if args.moe_intermediate is not None:

@@ -30,9 +30,10 @@ the replay overhead is *relatively* larger there and a ratio measured at these s
 conservative. Pass ``hidden=512, moe_intermediate=256`` for the original shape.
 
 Timings on a shared machine are noisy: another process on the same cores can slow a
-multi-threaded step several-fold (OpenMP threads spin-wait for a descheduled peer). The
-interleaving and the medians are there for that, but read the per-run lists too, and
-prefer ``OMP_NUM_THREADS=1`` on a busy machine.
+multi-threaded step several-fold (OpenMP threads spin-wait for a descheduled peer), and on
+2 cores two-thread steps vary by +-10% run to run, which swamps a 2% target. ``threads``
+therefore defaults to 1 (``threads=None`` keeps torch's default); the interleaving and the
+medians are there for the rest, but read the per-run lists too.
 """
 
 from __future__ import annotations
@@ -121,9 +122,13 @@ def run(
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
+    threads: int | None = 1,
 ) -> dict:
     """Time forward + backward with native and replayed routing; see the module docstring."""
     from verl_r3.core.replay import RouterReplay
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
