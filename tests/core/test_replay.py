@@ -431,8 +431,9 @@ def test_core_imports_without_verl_vllm_sglang_or_transformers():
 
 def test_adding_a_family_is_one_small_adapter():
     from verl_r3.core.replay import RouterFamily, register_family, supported_families
+    from verl_r3.families import transformers_version
 
-    class TopOneNoRenorm(RouterFamily):  # a made-up family: Qwen3 blocks, plain softmax gates
+    class MadeUp(RouterFamily):  # a made-up family built like Qwen3-MoE
         model_types = ("made_up_moe",)
 
         def locate(self, decoder_layer):
@@ -443,16 +444,18 @@ def test_adding_a_family_is_one_small_adapter():
             return config.num_experts
 
         def gates(self, scores, idx_NK, config):
-            probs = torch.softmax(scores, dtype=torch.float, dim=-1).gather(1, idx_NK)
-            return (probs / probs.sum(-1, keepdim=True)).to(scores.dtype)
+            # transformers < 5.6 hands over probabilities, later releases logits
+            probs = scores if transformers_version() < (5, 6, 0) else torch.softmax(scores, dtype=torch.float, dim=-1)
+            top = probs.gather(1, idx_NK)
+            return (top / top.sum(-1, keepdim=True)).to(scores.dtype)
 
-    register_family(TopOneNoRenorm())
+    register_family(MadeUp())
     try:
         assert "made_up_moe" in supported_families()
         model = _model("qwen3_moe", 8)
         model.config.model_type = "made_up_moe"
         rr = RouterReplay(model)
-        assert isinstance(rr.family, TopOneNoRenorm)
+        assert isinstance(rr.family, MadeUp)
         ids = _ids()
         with torch.no_grad():
             native = model(input_ids=ids).logits
