@@ -14,7 +14,8 @@ SIDE_ENVS   ?= tf510 tf554
 setup:
 	bash scripts/setup_env.sh $(VENV)
 
-$(READY):
+# Rebuilt when what it installs changes (pip skips what is already there).
+$(READY): setup.cfg pyproject.toml scripts/setup_env.sh $(wildcard requirements/*.txt)
 	bash scripts/setup_env.sh $(VENV)
 
 quickstart: $(READY)
