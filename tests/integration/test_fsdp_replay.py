@@ -1,0 +1,177 @@
+"""Router replay in verl's FSDP2 engine (verl_r3.integration.fsdp_replay), on the CPU platform.
+
+Each case runs in a fresh interpreter (timeout 300 s) and compares the engine with
+``verl_r3.RouterReplay`` on the Hugging Face model holding the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("verl")
+
+TIMEOUT_S = 300
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+_BODY = r'''
+import copy, json, os
+import torch
+import verl  # loads the CPU platform (VERL_USE_EXTERNAL_MODULES)
+from transformers import AutoModelForCausalLM
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import no_padding_2_padding
+
+import engine_harness as H
+from verl_r3 import MISSING, RouterReplay
+from verl_r3.integration.fsdp_cpu import register_cpu_engines
+from verl_r3.integration.fsdp_replay import register_replay_engines
+
+P = json.loads(os.environ["CASE"])
+register_cpu_engines()
+register_replay_engines()
+path, cfg, tok = H.model_dir()
+g = torch.Generator().manual_seed(1)
+prompt_lens, resp_lens = [3, 5, 2], [4, 2, 6]
+seqs = [torch.randint(3, 256, (p + r,), generator=g) for p, r in zip(prompt_lens, resp_lens)]
+
+hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+# "Rollout" routing: recorded on a copy whose routers were perturbed, so it differs from the trainer's.
+other = copy.deepcopy(hf)
+with torch.no_grad():
+    for name, p in other.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            p.add_(torch.randn(p.shape, generator=g) * 3 * p.std())
+rr_other = RouterReplay(other)
+rollout = []
+for ids in seqs:
+    with torch.no_grad(), rr_other.record() as rec:
+        other(input_ids=ids[None])
+    rollout.append(rec.routed_experts[0, :-1])  # engine convention: n - 1 rows
+
+rr = RouterReplay(hf)
+def hf_log_probs(ids, routed_rows=None):
+    with torch.no_grad():
+        if routed_rows is None:
+            logits = hf(input_ids=ids[None]).logits[0]
+        else:
+            full = torch.cat([routed_rows, torch.full_like(routed_rows[:1], MISSING)])[None]
+            with rr.replay(full):
+                logits = hf(input_ids=ids[None]).logits[0]
+    return torch.log_softmax(logits.float(), -1)[:-1].gather(-1, ids[1:, None]).squeeze(-1)
+
+def engine_log_probs(eng, routed):
+    td = H.rollout_batch(seqs, prompt_lens, tok.pad_token_id, routed=routed, remove_padding=P["rmpad"],
+                         dynamic=P["dynamic"], max_tokens=12 if P["dynamic"] else 64)
+    with eng.eval_mode():
+        out = eng.infer_batch(td, loss_function=None)
+    return td, out
+
+def max_diff(lp, refs):
+    return max((lp[i][:-1] - ref).abs().max().item() for i, ref in enumerate(refs))
+
+result = {}
+if P["mode"] == "R3":
+    eng = H.engine(path, remove_padding=P["rmpad"], mode="R3", dynamic=P["dynamic"],
+                   max_tokens=12 if P["dynamic"] else 64)
+    result["engine"] = type(eng).__name__
+    td, out = engine_log_probs(eng, rollout)
+    lp = out["model_output"]["log_probs"]
+    result["diff_replay"] = max_diff(lp, [hf_log_probs(ids, r) for ids, r in zip(seqs, rollout)])
+    result["diff_native"] = max_diff(lp, [hf_log_probs(ids) for ids in seqs])
+    result["stats"] = dict(eng.router_replay_stats)
+    # One update under replay: parameters change, routers included.
+    def loss_fn(model_output, data, dp_group=None):
+        resp = no_padding_2_padding(model_output["log_probs"], data)
+        loss = -(resp * data["response_mask"].to(resp.dtype)).sum() / data["batch_num_tokens"]
+        return loss, {}
+    before = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+              for k, v in eng.module.state_dict().items()}
+    tu.assign_non_tensor(td, compute_loss=True)
+    with eng.train_mode():
+        eng.train_batch(td, loss_function=loss_fn)
+    after = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in eng.module.state_dict().items()}
+    result["routers_changed"] = all(not torch.equal(before[k], after[k]) for k in before if k.endswith("mlp.gate.weight"))
+    result["train_stats"] = dict(eng.router_replay_stats)
+    # No routing in the batch: a clear error.
+    try:
+        engine_log_probs(eng, None)
+        result["missing_error"] = None
+    except ValueError as exc:
+        result["missing_error"] = str(exc)
+elif P["mode"] == "R2":
+    eng = H.engine(path, remove_padding=P["rmpad"], mode="R2")
+    td, out = engine_log_probs(eng, None)
+    recorded = out["model_output"]["routed_experts"]
+    same = []
+    for i, ids in enumerate(seqs):
+        with torch.no_grad(), rr.record() as rec:
+            hf(input_ids=ids[None])
+        same.append(torch.equal(recorded[i].to(torch.int16), rec.routed_experts[0]))
+    result["recorded_equal"] = same
+    result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
+else:
+    eng = H.engine(path, remove_padding=P["rmpad"], mode="disabled")
+    td, out = engine_log_probs(eng, rollout)
+    result["rr_bound"] = eng._rr is not None
+    result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
+print("RESULT " + json.dumps(result))
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(case: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES")}
+    env.update({
+        "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.cpu_platform", "VERL_PLATFORM": "cpu",
+        "VERL_USE_EXTERNAL_PLUGINS": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CASE": json.dumps(case),
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([HERE, env.get("PYTHONPATH", "")]),
+    })
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_BODY)], env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.parametrize("rmpad,dynamic", [(True, False), (False, False), (True, True)],
+                         ids=["remove-padding", "padded", "dynamic-bsz"])
+def test_r3_engine_log_probs_equal_router_replay_and_update_keeps_router_grads(rmpad, dynamic):
+    r = _run({"mode": "R3", "rmpad": rmpad, "dynamic": dynamic})
+    assert r["engine"] == "FSDPReplayEngine"
+    assert r["diff_replay"] < 1e-5, r
+    assert r["diff_native"] > 1e-3, r  # the rollout routing really differs from the trainer's
+    tokens = 7 + 7 + 8
+    moe_layers = 2  # tiny qwen3_moe: layer 1 is dense
+    assert r["stats"]["forwards"] == 3  # one micro-batch a sample
+    assert r["stats"]["replayed"] == (tokens - 3) * moe_layers  # every sample's last token falls back
+    assert r["stats"]["fallback"] == 3 * moe_layers and r["stats"]["disagree"] > 0
+    assert r["routers_changed"]
+    assert r["train_stats"]["replayed"] > 0 and r["train_stats"]["recomputed"] > 0  # checkpoint recompute replayed
+    assert "enable_rollout_routing_replay" in r["missing_error"]
+
+
+@pytest.mark.parametrize("rmpad", [True, False], ids=["remove-padding", "padded"])
+def test_r2_engine_records_the_trainers_own_routing(rmpad):
+    r = _run({"mode": "R2", "rmpad": rmpad, "dynamic": False})
+    assert r["recorded_equal"] == [True, True, True]
+    assert r["diff_native"] < 1e-5
+
+
+def test_disabled_mode_is_verls_engine_unchanged():
+    r = _run({"mode": "disabled", "rmpad": True, "dynamic": False})
+    assert r["rr_bound"] is False
+    assert r["diff_native"] < 1e-5

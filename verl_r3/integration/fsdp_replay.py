@@ -1,0 +1,213 @@
+"""Router replay (R3 and R2) in verl's FSDP/FSDP2 engine for Hugging Face MoE models.
+
+verl 0.9.x replays routing only in its Megatron and VeOmni engines. ``FSDPReplayEngine``
+is verl's own ``FSDPEngineWithLMHead`` with ``verl_r3.RouterReplay`` bound to the model;
+with ``router_replay.mode`` (verl's own key on every engine config, e.g.
+``actor_rollout_ref.actor.fsdp_config.router_replay.mode``) at ``disabled`` it is verl's
+engine unchanged.
+
+Phases, decided per ``forward_backward_batch`` call
+    R3, forward-only (old log-probs) and training (update): replay the batch's
+    ``routed_experts`` (the rollout engine's routing).
+    R2, forward-only: record the trainer's own routing and return it as
+    ``model_output["routed_experts"]`` (one ``[n, L, K]`` row block per sample, nested like
+    verl's other outputs); training: replay the batch's ``routed_experts``.
+
+Routing of a micro-batch
+    verl carries ``routed_experts`` as a jagged tensor, one ``[n, L, K]`` block per sample over
+    its ``n`` valid tokens (``verl_r3.core.record`` for the contract). The row of a sample's
+    last token is never routing (engines return ``n - 1`` rows and verl zero-fills the last),
+    so it is marked missing and that token falls back to native routing (its logits are not
+    trained). With ``use_remove_padding`` the blocks are packed like the input ids (plus
+    missing rows for verl's static pad); without it they are right-padded with missing rows.
+
+Backward and checkpointing
+    verl runs a micro-batch's backward after ``forward_step`` returns, so the replay block
+    opened for a micro-batch stays open until the next micro-batch starts or the call ends;
+    activation-checkpoint recomputes in that backward replay the same routing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from verl_r3.core.record import MISSING
+from verl_r3.core.replay import RouterReplay
+
+__all__ = ["RouterReplayEngineMixin", "micro_batch_routing", "replay_engine_class", "register_replay_engines"]
+
+MODES = ("disabled", "R2", "R3")
+
+
+def _valid_blocks(routed_nested: torch.Tensor) -> torch.Tensor:
+    """Values ``[total, L, K]`` of a jagged routing tensor with each sample's last row missing."""
+    if not (isinstance(routed_nested, torch.Tensor) and routed_nested.is_nested):
+        raise ValueError(
+            "routed_experts must be verl's jagged (nested) tensor of one [n, layers, top_k] block per sample, "
+            f"got {type(routed_nested).__name__}"
+        )
+    values = routed_nested.values().clone()
+    if values.dim() != 3:
+        raise ValueError(f"routed_experts blocks must be [n, layers, top_k], got values {tuple(values.shape)}")
+    if values.dtype not in (torch.int16, torch.int32, torch.int64):
+        values = values.to(torch.int32)
+    ends = routed_nested.offsets()[1:].to(torch.long)
+    lengths = routed_nested.offsets().diff()
+    values[ends[lengths > 0] - 1] = MISSING
+    return values
+
+
+def micro_batch_routing(
+    routed_nested: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool, pad_size: int = 0
+) -> torch.Tensor:
+    """Dense ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch."""
+    lengths = input_ids_nested.offsets().diff()
+    routed_lengths = routed_nested.offsets().diff()
+    if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths.cpu(), lengths.cpu()):
+        bad = (routed_lengths.cpu() != lengths.cpu()).nonzero()
+        sample = int(bad[0]) if bad.numel() else 0
+        raise ValueError(
+            f"routed_experts does not fit the batch: sample {sample} has "
+            f"{int(routed_lengths[sample]) if sample < routed_lengths.numel() else 'no'} routing rows for "
+            f"{int(lengths[sample])} tokens"
+        )
+    values = _valid_blocks(routed_nested)
+    if remove_padding:
+        if pad_size:
+            pad = values.new_full((pad_size, *values.shape[1:]), MISSING)
+            values = torch.cat([values, pad])
+        return values.unsqueeze(0)
+    blocks = torch.nested.nested_tensor_from_jagged(values, offsets=routed_nested.offsets())
+    return torch.nested.to_padded_tensor(blocks, padding=MISSING, output_size=(len(lengths), int(lengths.max()),
+                                                                             *values.shape[1:]))
+
+
+class RouterReplayEngineMixin:
+    """Mixed in before verl's FSDP engine class; see the module docstring."""
+
+    def _router_replay_mode(self) -> str:
+        config = getattr(self.engine_config, "router_replay", None)
+        mode = getattr(config, "mode", "disabled") if config is not None else "disabled"
+        if mode not in MODES:
+            raise ValueError(f"router_replay.mode must be one of {MODES}, got {mode!r}")
+        return mode
+
+    def initialize(self):
+        super().initialize()
+        self._rr = None
+        self._rr_phase = None
+        self._rr_block = None
+        self.router_replay_stats = {}
+        if self._router_replay_mode() != "disabled":
+            self._rr = RouterReplay(self.module)
+
+    def _phase(self, data, forward_only: bool) -> str | None:
+        mode = self._router_replay_mode()
+        if mode == "disabled":
+            return None
+        if mode == "R2" and forward_only:
+            return "record"
+        if "routed_experts" not in data.keys():
+            raise ValueError(
+                f"router_replay.mode={mode} but the batch carries no routed_experts: "
+                + (
+                    "R3 needs actor_rollout_ref.rollout.enable_rollout_routing_replay=True and a rollout engine that "
+                    "returns routing (verl_r3 capture for vLLM/SGLang, or the hf rollout)"
+                    if mode == "R3"
+                    else "R2 replays the routing recorded by compute_log_prob; run it before update_actor"
+                )
+            )
+        return "replay"
+
+    def _close_block(self) -> None:
+        block, self._rr_block = self._rr_block, None
+        if block is not None:
+            block.__exit__(None, None, None)
+            for key, value in self._rr.stats.items():
+                if isinstance(value, int):
+                    self.router_replay_stats[key] = self.router_replay_stats.get(key, 0) + value
+
+    def forward_backward_batch(self, data, loss_function, forward_only=False):
+        # Counts of RouterReplay.stats summed over this call's micro-batches (forwards,
+        # replayed, fallback, disagree, recomputed for replay; forwards, recorded for record).
+        self.router_replay_stats = {}
+        self._rr_phase = self._phase(data, forward_only)
+        try:
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        finally:
+            self._close_block()
+            self._rr_phase = None
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        self._close_block()  # the previous micro-batch's backward has run by now
+        phase = self._rr_phase
+        if phase is None:
+            return super().forward_step(micro_batch, loss_function, forward_only)
+        from verl.utils import tensordict_utils as tu
+
+        if getattr(self, "use_ulysses_sp", False):
+            raise ValueError("router replay with Ulysses sequence parallelism is not supported yet")
+        remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        if phase == "record":
+            self._rr_block = self._rr.record()
+            handle = self._rr_block.__enter__()
+        else:
+            total = int(micro_batch["input_ids"].offsets()[-1])
+            routed = micro_batch_routing(
+                micro_batch["routed_experts"],
+                micro_batch["input_ids"],
+                remove_padding=remove_padding,
+                pad_size=self._get_packed_pad_size(total) if remove_padding else 0,
+            )
+            self._rr_block = self._rr.replay(routed)
+            self._rr_block.__enter__()
+        loss, output = super().forward_step(micro_batch, loss_function, forward_only)
+        if phase == "record":
+            output.setdefault("model_output", {})["routed_experts"] = _per_sample(
+                handle.routed_experts, micro_batch["input_ids"], remove_padding=remove_padding
+            )
+        return loss, output
+
+
+def _per_sample(routed_BTLK: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool) -> torch.Tensor:
+    """Recorded ``[B, T, L, K]`` (packed into ``B == 1``, or right-padded) -> jagged blocks per sample."""
+    offsets = input_ids_nested.offsets().cpu()
+    lengths = offsets.diff().tolist()
+    if remove_padding:
+        values = routed_BTLK[0, : offsets[-1]]
+    else:
+        values = torch.cat([routed_BTLK[b, :n] for b, n in enumerate(lengths)])
+    return torch.nested.nested_tensor_from_jagged(values.cpu(), offsets=offsets)
+
+
+_ENGINE_CLASS = None
+
+
+def replay_engine_class():
+    """``FSDPReplayEngine``: verl's ``FSDPEngineWithLMHead`` with router replay (built once, lazily)."""
+    global _ENGINE_CLASS
+    if _ENGINE_CLASS is None:
+        from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+        _ENGINE_CLASS = type("FSDPReplayEngine", (RouterReplayEngineMixin, FSDPEngineWithLMHead), {
+            "__doc__": "verl's FSDP/FSDP2 engine with router replay (verl_r3.integration.fsdp_replay).",
+            "__module__": __name__,
+        })
+    return _ENGINE_CLASS
+
+
+def register_replay_engines(devices=(("cuda", "nvidia"), ("cpu", "cpu"))) -> None:
+    """Make verl pick ``FSDPReplayEngine`` for ``language_model`` on fsdp/fsdp2. Idempotent.
+
+    Registered under (device, vendor) keys, which verl's ``EngineRegistry`` prefers to the
+    device-only keys its own engine holds; with ``router_replay.mode=disabled`` the engine is
+    verl's unchanged.
+    """
+    from verl.workers.engine.base import EngineRegistry
+
+    engine = replay_engine_class()
+    registry = EngineRegistry._engines.setdefault("language_model", {})
+    for device, vendor in devices:
+        backends = [b for b in ("fsdp", "fsdp2") if (device, vendor) not in registry.get(b, {})]
+        if backends:
+            EngineRegistry.register(model_type="language_model", backend=backends, device=device, vendor=vendor)(engine)
