@@ -11,17 +11,12 @@ trainer does before ``compute_log_prob`` / ``update_actor``.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 pytest.importorskip("verl")
 pytest.importorskip("tokenizers")
+
+from cpu_verl import run_cpu_verl  # noqa: E402
 
 TIMEOUT_S = 300
 
@@ -43,77 +38,20 @@ first = register_cpu_engines()
 second = register_cpu_engines()  # idempotent: the registry would assert on a duplicate key
 
 from tensordict import TensorDict
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
-from verl.trainer.config import CheckpointConfig
 from verl.utils import tensordict_utils as tu
-from verl.utils.distributed import initialize_global_process_group
-from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
-from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
-from verl_r3.tiny import tiny_config
+import engine_harness as H
 
-PARAMS = json.loads(os.environ["FSDP_CPU_TEST_PARAMS"])
-torch.manual_seed(0)
-tmp = tempfile.mkdtemp()
-
-# A byte-level tokenizer built locally (no hub): one token per byte, plus pad/bos/eos.
-vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-for name in ("<pad>", "<bos>", "<eos>"):
-    vocab[name] = len(vocab)
-tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-tok.decoder = decoders.ByteLevel()
-hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
-hf_tok.save_pretrained(tmp)
-
-cfg = tiny_config("qwen3_moe", vocab_size=272, head_dim=32, pad_token_id=hf_tok.pad_token_id,
-                  bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id)
-model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-model.save_pretrained(tmp)
-cfg.save_pretrained(tmp)
-del model
-
-initialize_global_process_group(timeout_second=120)
-
-# --- the engine, built as verl's TrainingWorker builds it -------------------------------------
-model_config = HFModelConfig(
-    path=tmp,
-    use_remove_padding=True,
-    # verl's default is flash_attention_2 (CUDA only); eager/sdpa honour packed position_ids
-    override_config={"attn_implementation": "eager"},
-    enable_gradient_checkpointing=True,
-)
-engine_config = FSDPEngineConfig(
-    strategy="fsdp2",
-    dtype="float32",
-    model_dtype="fp32",
-    mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
-    use_dynamic_bsz=PARAMS["dynamic"],
-    max_token_len_per_gpu=PARAMS["max_tokens"],
-    infer_max_token_len_per_gpu=PARAMS["max_tokens"],
-    micro_batch_size_per_gpu=PARAMS["mbs"],
-    infer_micro_batch_size_per_gpu=PARAMS["mbs"],
-    use_remove_padding=True,
-    use_torch_compile=False,
-    forward_only=False,    # True turns on CPUOffloadPolicy(pin_memory=True): pinning needs an accelerator
-    offload_policy=False,  # same
-)
-optimizer_config = FSDPOptimizerConfig(lr=1e-2, total_training_steps=10, weight_decay=0.0)
-model_config.model_type = "language_model"  # TrainingWorker does the same
-engine_cls = EngineRegistry.get_engine_cls("language_model", engine_config.strategy)
-engine = EngineRegistry.new(
-    model_type="language_model",
-    backend=engine_config.strategy,
-    model_config=model_config,
-    engine_config=engine_config,
-    optimizer_config=optimizer_config,
-    checkpoint_config=CheckpointConfig(),
-)
-engine.initialize()
+PARAMS = json.loads(os.environ["CASE"])
+tmp, cfg, hf_tok = H.model_dir()
+# the engine, built as verl's TrainingWorker builds it (fp32 fsdp2; see engine_harness)
+engine_cls = EngineRegistry.get_engine_cls("language_model", "fsdp2")
+engine = H.engine(tmp, remove_padding=True, mbs=PARAMS["mbs"], max_tokens=PARAMS["max_tokens"],
+                  dynamic=PARAMS["dynamic"], lr=1e-2)
 
 # Record what each micro-batch carries into forward_step (where verl calls the model).
 seen = []
@@ -231,31 +169,8 @@ print("RESULT " + json.dumps({
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(params: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES")}
-    env.update({
-        "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.cpu_platform",
-        "VERL_PLATFORM": "cpu",
-        "VERL_USE_EXTERNAL_PLUGINS": "none",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-        "FSDP_CPU_TEST_PARAMS": json.dumps(params),
-        "TOKENIZERS_PARALLELISM": "false",
-    })
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_BODY)],
-        env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"no RESULT line:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_cpu_verl(_BODY, params, TIMEOUT_S)
 
 
 PROMPT_LENS, RESP_LENS = [3, 5, 2], [4, 2, 6]

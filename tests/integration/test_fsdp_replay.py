@@ -6,19 +6,13 @@ Each case runs in a fresh interpreter (timeout 300 s) and compares the engine wi
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
 pytest.importorskip("verl")
 
+from cpu_verl import run_cpu_verl  # noqa: E402
+
 TIMEOUT_S = 300
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 _BODY = r'''
 import copy, json, os
@@ -125,26 +119,8 @@ print("RESULT " + json.dumps(result))
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(case: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES")}
-    env.update({
-        "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.cpu_platform", "VERL_PLATFORM": "cpu",
-        "VERL_USE_EXTERNAL_PLUGINS": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CASE": json.dumps(case),
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([HERE, env.get("PYTHONPATH", "")]),
-    })
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_BODY)], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"no RESULT line:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_cpu_verl(_BODY, case, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("rmpad,dynamic", [(True, False), (False, False), (True, True)],
