@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from verl_r3 import RouterReplay
-from verl_r3.core.metrics import logprob_mismatch, router_disagreement
+from verl_r3.core.metrics import expert_sets_differ, logprob_mismatch, router_disagreement
 from verl_r3.tiny import tiny_model
 
 __all__ = ["main", "run"]
@@ -98,7 +98,7 @@ def run(*, quick: bool = False, seed: int = 0, log=print) -> dict:
     resp_tokens[:, prompt_len - 1 : -1] = True  # positions whose routing produced a response token
     disagreement = router_disagreement(routing, handle.native_experts, token_mask=resp_tokens)
     # Response tokens whose prediction saw a routing flip in some layer at its own position.
-    flipped = (routing.sort(-1).values != handle.native_experts.sort(-1).values).any(-1).any(-1)[:, :-1]
+    flipped = expert_sets_differ(routing, handle.native_experts).any(-1)[:, :-1]
     flipped_mask = response_mask & flipped
 
     log("[4/4] one policy-gradient-style step under replay: do routers get gradients?")

@@ -78,6 +78,7 @@ import torch
 
 __all__ = [
     "DEFAULT_TAUS",
+    "expert_sets_differ",
     "logprob_mismatch",
     "extreme_frac_curve",
     "router_disagreement",
@@ -240,6 +241,14 @@ def extreme_frac_curve(
 # --------------------------------------------------------------------------
 
 
+def expert_sets_differ(routed_a: torch.Tensor, routed_b: torch.Tensor) -> torch.Tensor:
+    """Bool ``[...]``: True where the expert sets along the last (K) axis differ, order ignored.
+
+    No validation and no handling of ``-1`` rows: callers mask those themselves.
+    """
+    return (routed_a.sort(dim=-1).values != routed_b.sort(dim=-1).values).any(dim=-1)
+
+
 def router_disagreement(
     routed_a: torch.Tensor,
     routed_b: torch.Tensor,
@@ -300,8 +309,7 @@ def router_disagreement(
     if token_mask is not None:
         counted_NL = counted_NL & token_mask.reshape(-1, 1)
 
-    differ_NL = (a_NLK.sort(dim=-1).values != b_NLK.sort(dim=-1).values).any(dim=-1)
-    differ_NL = differ_NL & counted_NL
+    differ_NL = expert_sets_differ(a_NLK, b_NLK) & counted_NL
 
     counted_L = counted_NL.sum(dim=0).to(torch.float64)
     differ_L = differ_NL.sum(dim=0).to(torch.float64)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from verl_r3.core.metrics import expert_sets_differ
 from verl_r3.core.record import MISSING, dense_dtype, validate_routing
 
 __all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "supported_families"]
@@ -420,7 +421,7 @@ class RouterReplay:
             counts.replayed_L = torch.zeros(self.num_layers, dtype=torch.long, device=native_NK.device)
             counts.fallback_L = torch.zeros_like(counts.replayed_L)
             counts.disagree_L = torch.zeros_like(counts.replayed_L)
-        differ_N = (native_NK.sort(dim=-1).values != targets_NK.sort(dim=-1).values).any(dim=-1) & ~missing_N
+        differ_N = expert_sets_differ(native_NK, targets_NK) & ~missing_N
         fallback = missing_N.sum()
         counts.fallback_L[index] += fallback
         counts.replayed_L[index] += missing_N.numel() - fallback
