@@ -467,3 +467,17 @@ def test_adding_a_family_is_one_small_adapter():
         from verl_r3.core import replay as replay_module
 
         replay_module._FAMILIES.pop("made_up_moe", None)
+
+
+def test_a_layer_routed_twice_in_one_forward_fails_loudly():
+    model = _model("qwen3_moe", 8)
+    rr = RouterReplay(model)
+    ids = _ids()
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    block = model.model.layers[0].mlp
+    once = block.forward
+    block.forward = lambda hidden: once(once(hidden))  # a block that consumes its targets twice
+    with pytest.raises(RuntimeError, match="layer 0 routed twice in one forward"):
+        with torch.no_grad(), rr.replay(rec.routed_experts):
+            model(input_ids=ids)

@@ -82,10 +82,10 @@ def _record_dims(records: Sequence[RoutingRecord]) -> tuple[int, int, int]:
 def _place(record: RoutingRecord, length: int, dtype: torch.dtype, sample: int) -> torch.Tensor:
     """The record's own rows, after checking they fit a sequence of ``length`` tokens."""
     try:
-        record.to_dense(length=length, dtype=dtype)  # enforces the end-at-N-1-or-N rule
+        by_position = record.to_dense(length=length, dtype=dtype)  # enforces the end-at-N-1-or-N rule
     except ValueError as exc:
         raise ValueError(f"sample {sample}: {exc}") from exc
-    return record.to_dense(dtype=dtype)
+    return by_position[record.start : record.end]
 
 
 def _row_counts(rows: Sequence[int] | None, n_B: list[int], what: str) -> list[int]:

@@ -128,7 +128,7 @@ class _Forward:
     """Bookkeeping of one model forward."""
 
     shape: tuple[int, int] | None
-    consumed: dict[int, int] = field(default_factory=dict)
+    consumed: set[int] = field(default_factory=set)  # layers routed in this forward
     chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # native idx_NK per layer
 
 
@@ -346,7 +346,7 @@ class RouterReplay:
         fwd, self._forward = self._forward, None
         if self.mode is Mode.OFF or fwd is None:
             return
-        unused = [layer.index for layer in self.layers if fwd.consumed.get(layer.index, 0) == 0]
+        unused = [layer.index for layer in self.layers if layer.index not in fwd.consumed]
         if unused:
             raise RuntimeError(
                 f"RouterReplay ({self.mode.value}): MoE layers {unused} were not routed through their router "
@@ -391,9 +391,9 @@ class RouterReplay:
                     f"layer {layer.index}: MoE layer ran outside a forward of the model bound to RouterReplay "
                     "(call that model, not a submodule)"
                 )
-            if fwd.consumed.get(layer.index, 0):
+            if layer.index in fwd.consumed:
                 raise RuntimeError(f"layer {layer.index} routed twice in one forward; replay targets are consumed once")
-            fwd.consumed[layer.index] = 1
+            fwd.consumed.add(layer.index)
             layer.last_mode = self.mode
             fwd.chosen[layer.index] = idx_NK.detach().to(self._dtype)
         else:
