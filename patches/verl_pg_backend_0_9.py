@@ -50,8 +50,6 @@ _TARGET_NAMES = ("initialize_global_process_group", "initialize_global_process_g
 
 # name -> original function, filled by apply(); empty means "not applied".
 _originals: dict[str, object] = {}
-# (module, attribute) pairs apply() rebound, so revert() restores exactly those.
-_rebound: list[tuple[object, str]] = []
 
 
 def installed_verl_version() -> str | None:
@@ -127,6 +125,20 @@ _REPLACEMENTS = {
 }
 
 
+def _rebind(current: dict, wanted: dict) -> list[str]:
+    """In every loaded verl module, point each name bound to ``current[name]`` at ``wanted[name]``;
+    returns the sorted "module.name" entries changed."""
+    changed = []
+    for mod_name, module in list(sys.modules.items()):
+        if module is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
+            continue
+        for name in _TARGET_NAMES:
+            if getattr(module, name, None) is current[name]:
+                setattr(module, name, wanted[name])
+                changed.append(f"{mod_name}.{name}")
+    return sorted(changed)
+
+
 def is_applied() -> bool:
     return bool(_originals)
 
@@ -142,17 +154,11 @@ def apply() -> bool:
         _originals[name] = getattr(dist_module, name)
     # Rebind in the target module and in any verl module that already did
     # `from verl.utils.distributed import <name>`; later importers read the patched target.
-    for mod_name, module in list(sys.modules.items()):
-        if module is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
-            continue
-        for name in _TARGET_NAMES:
-            if getattr(module, name, None) is _originals[name]:
-                setattr(module, name, _REPLACEMENTS[name])
-                _rebound.append((module, name))
+    replaced = _rebind(_originals, _REPLACEMENTS)
     logger.info(
         "verl_pg_backend_0_9: verl %s: replaced %s (process-group backend 'gloo' on the CPU platform)",
         version,
-        ", ".join(sorted(f"{m.__name__}.{n}" for m, n in _rebound)),
+        ", ".join(replaced),
     )
     return True
 
@@ -161,17 +167,9 @@ def revert() -> bool:
     """Restore the original functions in every verl module bound to a replacement. Idempotent."""
     if not _originals:
         return False
-    # Scan again rather than trusting _rebound alone: modules imported after apply() picked
-    # up the replacements through `from verl.utils.distributed import ...` as well.
-    restored = []
-    for mod_name, module in list(sys.modules.items()):
-        if module is None or not (mod_name == "verl" or mod_name.startswith("verl.")):
-            continue
-        for name in _TARGET_NAMES:
-            if getattr(module, name, None) is _REPLACEMENTS[name]:
-                setattr(module, name, _originals[name])
-                restored.append(f"{mod_name}.{name}")
-    logger.info("verl_pg_backend_0_9: restored the originals in %s", ", ".join(sorted(restored)))
-    _rebound.clear()
+    # Scan every verl module: modules imported after apply() picked up the replacements
+    # through `from verl.utils.distributed import ...` as well.
+    restored = _rebind(_REPLACEMENTS, _originals)
+    logger.info("verl_pg_backend_0_9: restored the originals in %s", ", ".join(restored))
     _originals.clear()
     return True

@@ -27,6 +27,16 @@ def _ids(batch=2, length=10, seed=1):
     return torch.randint(3, 256, (batch, length), generator=g)
 
 
+def _bound_and_recorded(family="qwen3_moe", experts=8, ids=None):
+    """A model with RouterReplay bound and its own routing of ``ids``: (model, rr, ids, routed)."""
+    model = _model(family, experts)
+    ids = _ids() if ids is None else ids
+    rr = RouterReplay(model)
+    with torch.no_grad(), rr.record() as rec:
+        model(input_ids=ids)
+    return model, rr, ids, rec.routed_experts
+
+
 def _perturbed_routing(model, ids, scale=3.0):
     """Routing recorded on a copy whose routers were perturbed: differs from the model's own."""
     other = copy.deepcopy(model)
@@ -145,12 +155,7 @@ def test_foreign_routing_is_what_experts_receive_with_family_gates_and_router_gr
 
 def test_replayed_experts_that_the_trainer_would_not_pick_get_gradient():
     """The pitfall: gathering from probabilities zeroed outside the trainer's own top-k."""
-    model = _model("qwen3_moe", 8)
-    ids = _ids(1, 6)
-    rr = RouterReplay(model)
-    with torch.no_grad(), rr.record() as rec:
-        model(input_ids=ids)
-    own = rec.routed_experts
+    model, rr, ids, own = _bound_and_recorded(ids=_ids(1, 6))
     # Route every token of every MoE layer to experts the trainer did not choose.
     foreign = own.clone()
     for layer in rr.moe_layers:
@@ -318,14 +323,10 @@ def _bad_routings(routed, rr):
 
 
 def test_malformed_routing_raises_before_the_forward_runs():
-    model = _model("qwen3_moe", 8)  # layer 1 is dense
-    ids = _ids()
-    rr = RouterReplay(model)
-    with torch.no_grad(), rr.record() as rec:
-        model(input_ids=ids)
+    model, rr, ids, own = _bound_and_recorded()  # qwen3_moe: layer 1 is dense
     calls = []
     model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
-    for name, (bad, message) in _bad_routings(rec.routed_experts, rr).items():
+    for name, (bad, message) in _bad_routings(own, rr).items():
         with pytest.raises(ValueError, match=message):
             with rr.replay(bad):
                 model(input_ids=ids)
@@ -390,15 +391,11 @@ def test_replay_binds_to_its_own_model_instance():
 
 
 def test_a_layer_that_bypasses_its_router_fails_loudly():
-    model = _model("qwen3_moe", 8)
-    rr = RouterReplay(model)
-    ids = _ids()
-    with torch.no_grad(), rr.record() as rec:
-        model(input_ids=ids)
+    model, rr, ids, own = _bound_and_recorded()
     block = model.model.layers[2].mlp
     block.forward = lambda hidden: hidden * 0  # a kernel that never calls the router
     with pytest.raises(RuntimeError, match=r"MoE layers \[2\] were not routed"):
-        with torch.no_grad(), rr.replay(rec.routed_experts):
+        with torch.no_grad(), rr.replay(own):
             model(input_ids=ids)
 
 
@@ -470,14 +467,10 @@ def test_adding_a_family_is_one_small_adapter():
 
 
 def test_a_layer_routed_twice_in_one_forward_fails_loudly():
-    model = _model("qwen3_moe", 8)
-    rr = RouterReplay(model)
-    ids = _ids()
-    with torch.no_grad(), rr.record() as rec:
-        model(input_ids=ids)
+    model, rr, ids, own = _bound_and_recorded()
     block = model.model.layers[0].mlp
     once = block.forward
     block.forward = lambda hidden: once(once(hidden))  # a block that consumes its targets twice
     with pytest.raises(RuntimeError, match="layer 0 routed twice in one forward"):
-        with torch.no_grad(), rr.replay(rec.routed_experts):
+        with torch.no_grad(), rr.replay(own):
             model(input_ids=ids)
