@@ -142,6 +142,8 @@ def test_foreign_routing_is_what_experts_receive_with_family_gates_and_router_gr
         idx, weights = spy.seen[layer.index]
         expected_idx = foreign[:, :, layer.index].reshape(-1, rr.top_k).long()
         assert torch.equal(idx, expected_idx), f"layer {layer.index}"
+        # The handle reports what the experts received (seen by the spy), not what was asked for.
+        assert torch.equal(handle.used_experts[:, :, layer.index].reshape(-1, rr.top_k).long(), idx)
         ref = _reference_gates(family, model.config, layer.router, inputs[layer.index], expected_idx)
         torch.testing.assert_close(weights.double(), ref, rtol=1e-5, atol=1e-6)
         grad = layer.router.weight.grad

@@ -70,6 +70,32 @@ def engine_log_probs(eng, routed):
 def max_diff(lp, refs):
     return max((lp[i][:-1] - ref).abs().max().item() for i, ref in enumerate(refs))
 
+def r3_metrics(out):
+    """Mean over micro-batches of the r3/ figures the engine adds to verl's metrics."""
+    def value(v):
+        return v.aggregate() if hasattr(v, "aggregate") else sum(m.aggregate() for m in v) / len(v)
+    return {k: value(v) for k, v in out["metrics"].items() if k.startswith("r3/")}
+
+def expected_disagreement(replay):
+    """Per-sample fraction of (response token with routing, MoE layer) pairs where the trainer's
+    own routing differs from the rollout's, averaged over samples (one micro-batch each). Under
+    replay the trainer's own choice in a layer follows the replayed layers before it."""
+    fracs = []
+    for ids, p, rows in zip(seqs, prompt_lens, rollout):
+        if replay:
+            full = torch.cat([rows, torch.full_like(rows[:1], MISSING)])[None]
+            with torch.no_grad(), rr.replay(full) as h:
+                hf(input_ids=ids[None])
+            own = h.native_experts
+        else:
+            with torch.no_grad(), rr.record() as rec:
+                hf(input_ids=ids[None])
+            own = rec.routed_experts
+        native = own[0, p:len(ids) - 1][:, sorted(rr.moe_layers)]
+        theirs = rows[p:][:, sorted(rr.moe_layers)]
+        fracs.append((native.sort(-1).values != theirs.sort(-1).values).any(-1).float().mean().item())
+    return sum(fracs) / len(fracs)
+
 result = {}
 if P["mode"] == "R3":
     eng = H.engine(path, remove_padding=P["rmpad"], mode="R3", dynamic=P["dynamic"],
@@ -80,6 +106,8 @@ if P["mode"] == "R3":
     result["diff_replay"] = max_diff(lp, [hf_log_probs(ids, r) for ids, r in zip(seqs, rollout)])
     result["diff_native"] = max_diff(lp, [hf_log_probs(ids) for ids in seqs])
     result["stats"] = dict(eng.router_replay_stats)
+    result["metrics"] = r3_metrics(out)
+    result["expected_disagree"] = expected_disagreement(replay=True)
     # One update under replay: parameters change, routers included.
     def loss_fn(model_output, data, dp_group=None):
         resp = no_padding_2_padding(model_output["log_probs"], data)
@@ -112,9 +140,13 @@ elif P["mode"] == "R2":
     result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
 else:
     eng = H.engine(path, remove_padding=P["rmpad"], mode="disabled")
+    td, out = engine_log_probs(eng, None)
+    result["rr_bound_without_routing"] = eng._rr is not None
+    result["metrics_without_routing"] = r3_metrics(out)
     td, out = engine_log_probs(eng, rollout)
-    result["rr_bound"] = eng._rr is not None
     result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
+    result["metrics"] = r3_metrics(out)
+    result["expected_disagree"] = expected_disagreement(replay=False)
 print("RESULT " + json.dumps(result))
 '''
 
@@ -138,6 +170,11 @@ def test_r3_engine_log_probs_equal_router_replay_and_update_keeps_router_grads(r
     assert r["routers_changed"]
     assert r["train_stats"]["replayed"] > 0 and r["train_stats"]["recomputed"] > 0  # checkpoint recompute replayed
     assert "enable_rollout_routing_replay" in r["missing_error"]
+    # What verl logs (actor/r3/...): every response token with rollout routing was replayed.
+    m = r["metrics"]
+    assert m["r3/replay_active_frac"] == 1.0 and m["r3/fallback_frac"] == 0.0, m
+    assert m["r3/router_disagree_replayed"] == 0.0, m
+    assert m["r3/router_disagree"] == pytest.approx(r["expected_disagree"]) and m["r3/router_disagree"] > 0, r
 
 
 @pytest.mark.parametrize("rmpad", [True, False], ids=["remove-padding", "padded"])
@@ -147,7 +184,11 @@ def test_r2_engine_records_the_trainers_own_routing(rmpad):
     assert r["diff_native"] < 1e-5
 
 
-def test_disabled_mode_is_verls_engine_unchanged():
+def test_disabled_mode_is_verls_engine_unchanged_and_measures_disagreement():
     r = _run({"mode": "disabled", "rmpad": True, "dynamic": False})
-    assert r["rr_bound"] is False
-    assert r["diff_native"] < 1e-5
+    assert r["rr_bound_without_routing"] is False and r["metrics_without_routing"] == {}
+    assert r["diff_native"] < 1e-5  # native routing: nothing replayed
+    m = r["metrics"]  # rollout routing in the batch: the disagreement is measured, not acted on
+    assert m["r3/replay_active_frac"] == 0.0, m
+    assert m["r3/router_disagree"] == pytest.approx(r["expected_disagree"]) and m["r3/router_disagree"] > 0, r
+    assert m["r3/router_disagree_replayed"] == m["r3/router_disagree"]

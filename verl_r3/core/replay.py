@@ -130,6 +130,7 @@ class _Forward:
     shape: tuple[int, int] | None
     consumed: set[int] = field(default_factory=set)  # layers routed in this forward
     chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # native idx_NK per layer
+    used: dict[int, torch.Tensor] = field(default_factory=dict)  # idx_NK handed to the experts (replay)
 
 
 class RecordHandle:
@@ -151,6 +152,7 @@ class ReplayHandle:
 
     def __init__(self) -> None:
         self.native_experts: torch.Tensor | None = None  # trainer's own top-k, last forward, [B, T, L, K]
+        self.used_experts: torch.Tensor | None = None  # what the experts received, last forward, [B, T, L, K]
 
 
 class RouterReplay:
@@ -355,14 +357,19 @@ class RouterReplay:
             )
         self._counts.forwards += 1
         shape = fwd.shape or (1, next(iter(fwd.chosen.values())).shape[0])
-        chosen = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=self._dtype,
-                            device=next(iter(fwd.chosen.values())).device)
-        for index, idx in fwd.chosen.items():
-            chosen[:, :, index] = idx.view(*shape, self.top_k)
         if self.mode is Mode.RECORD:
-            self._handle.forwards.append(chosen)
+            self._handle.forwards.append(self._dense(fwd.chosen, shape))
         else:
-            self._handle.native_experts = chosen
+            self._handle.native_experts = self._dense(fwd.chosen, shape)
+            self._handle.used_experts = self._dense(fwd.used, shape)
+
+    def _dense(self, per_layer: dict[int, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """``[B, T, L, K]`` from per-layer ``[B*T, K]`` ids; layers without MoE hold -1."""
+        first = next(iter(per_layer.values()))
+        out = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=self._dtype, device=first.device)
+        for index, idx in per_layer.items():
+            out[:, :, index] = idx.view(*shape, self.top_k)
+        return out
 
     def _layer_targets(self, layer: _Layer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._targets.get(layer.index)
@@ -412,6 +419,7 @@ class RouterReplay:
         gates_NK = self.family.gates(scores, chosen_NK, self.config)
         if not recompute:
             self._count_replay(layer.index, idx_NK, targets_NK, missing_N)
+            fwd.used[layer.index] = chosen_NK.detach().to(self._dtype)
         return gates_NK, chosen_NK
 
     def _count_replay(self, index: int, native_NK, targets_NK, missing_N) -> None:

@@ -29,12 +29,24 @@ Backward and checkpointing
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+
 import torch
 
 from verl_r3.core.record import MISSING
 from verl_r3.core.replay import RouterReplay
 
-__all__ = ["RouterReplayEngineMixin", "micro_batch_routing", "replay_engine_class", "register_replay_engines"]
+__all__ = [
+    "RouterReplayEngineMixin",
+    "micro_batch_routing",
+    "register_replay_engines",
+    "replay_engine_class",
+    "router_replay_mode",
+    "routing_metrics",
+]
+
+logger = logging.getLogger(__name__)
 
 MODES = ("disabled", "R2", "R3")
 
@@ -82,32 +94,59 @@ def micro_batch_routing(
                                                                              *values.shape[1:]))
 
 
+def router_replay_mode(engine_config) -> str:
+    """``router_replay.mode`` of an engine config (a dataclass, or the plain dict Hydra leaves
+    when the key was added with ``+``/``++``); unknown values are refused."""
+    config = getattr(engine_config, "router_replay", None)
+    if config is None:
+        mode = "disabled"
+    elif isinstance(config, Mapping):
+        mode = config.get("mode", "disabled")
+    else:
+        mode = getattr(config, "mode", "disabled")
+    if mode not in MODES:
+        raise ValueError(f"router_replay.mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
 class RouterReplayEngineMixin:
     """Mixed in before verl's FSDP engine class; see the module docstring."""
 
     def _router_replay_mode(self) -> str:
-        config = getattr(self.engine_config, "router_replay", None)
-        mode = getattr(config, "mode", "disabled") if config is not None else "disabled"
-        if mode not in MODES:
-            raise ValueError(f"router_replay.mode must be one of {MODES}, got {mode!r}")
-        return mode
+        return router_replay_mode(self.engine_config)
 
     def initialize(self):
         super().initialize()
         self._rr = None
         self._rr_phase = None
         self._rr_block = None
+        self._rr_observe_failed = False
         self.router_replay_stats = {}
-        if self._router_replay_mode() != "disabled":
+        mode = self._router_replay_mode()
+        if getattr(self.engine_config, "forward_only", False):
+            # verl builds the reference model as a forward-only engine: it never replays.
+            if mode != "disabled":
+                logger.warning("router_replay.mode=%s ignored on a forward-only (reference) engine: the reference "
+                               "model never replays", mode)
+            self._rr_mode = "disabled"
+            self._rr_reference = True
+            return
+        self._rr_mode = mode
+        self._rr_reference = False
+        if mode != "disabled":
             self._rr = RouterReplay(self.module)
 
     def _phase(self, data, forward_only: bool) -> str | None:
-        mode = self._router_replay_mode()
+        mode = self._rr_mode
+        has_routing = "routed_experts" in data.keys()
         if mode == "disabled":
+            # Measure only: the trainer's own routing against the rollout's, nothing replayed.
+            if has_routing and not self._rr_reference and self._observer() is not None:
+                return "observe"
             return None
         if mode == "R2" and forward_only:
             return "record"
-        if "routed_experts" not in data.keys():
+        if not has_routing:
             raise ValueError(
                 f"router_replay.mode={mode} but the batch carries no routed_experts: "
                 + (
@@ -118,6 +157,15 @@ class RouterReplayEngineMixin:
                 )
             )
         return "replay"
+
+    def _observer(self) -> RouterReplay | None:
+        if self._rr is None and not self._rr_observe_failed:
+            try:
+                self._rr = RouterReplay(self.module)
+            except (ValueError, TypeError, RuntimeError) as exc:
+                self._rr_observe_failed = True
+                logger.warning("router disagreement not measured: %s", exc)
+        return self._rr
 
     def _close_block(self) -> None:
         block, self._rr_block = self._rr_block, None
@@ -148,25 +196,112 @@ class RouterReplayEngineMixin:
         if getattr(self, "use_ulysses_sp", False):
             raise ValueError("router replay with Ulysses sequence parallelism is not supported yet")
         remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
-        if phase == "record":
-            self._rr_block = self._rr.record()
-            handle = self._rr_block.__enter__()
-        else:
-            total = int(micro_batch["input_ids"].offsets()[-1])
-            routed = micro_batch_routing(
-                micro_batch["routed_experts"],
-                micro_batch["input_ids"],
-                remove_padding=remove_padding,
-                pad_size=self._get_packed_pad_size(total) if remove_padding else 0,
-            )
+        pad_size = self._get_packed_pad_size(int(micro_batch["input_ids"].offsets()[-1])) if remove_padding else 0
+        routed = None
+        if phase != "record":
+            routed = micro_batch_routing(micro_batch["routed_experts"], micro_batch["input_ids"],
+                                         remove_padding=remove_padding, pad_size=pad_size)
+        if phase == "replay":
             self._rr_block = self._rr.replay(routed)
-            self._rr_block.__enter__()
+        else:
+            self._rr_block = self._rr.record()
+        handle = self._rr_block.__enter__()
         loss, output = super().forward_step(micro_batch, loss_function, forward_only)
         if phase == "record":
             output.setdefault("model_output", {})["routed_experts"] = _per_sample(
                 handle.routed_experts, micro_batch["input_ids"], remove_padding=remove_padding
             )
+        else:
+            native = handle.native_experts if phase == "replay" else handle.routed_experts
+            used = handle.used_experts if phase == "replay" else native
+            mask = _layout_tokens(_response_rows(micro_batch), remove_padding=remove_padding, pad_size=pad_size)
+            figures = routing_metrics(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
+                                      replayed=phase == "replay")
+            figures.update(_logprob_figures(micro_batch))
+            _add_metrics(output, figures)
         return loss, output
+
+
+def _response_rows(micro_batch) -> torch.Tensor:
+    """Jagged 0/1 over each sample's tokens: response tokens in the loss mask, the sample's last
+    token excluded (the rollout reports no routing for it)."""
+    ids = micro_batch["input_ids"]
+    lengths = ids.offsets().diff().tolist()
+    resp = micro_batch["response_mask"] if "response_mask" in micro_batch.keys() else micro_batch["loss_mask"]
+    resp_rows = list(resp.unbind()) if resp.is_nested else list(resp)
+    prompts = micro_batch["prompts"]
+    if prompts.is_nested:
+        prompt_lens = prompts.offsets().diff().tolist()
+    else:
+        prompt_lens = micro_batch["attention_mask"][:, : prompts.shape[1]].sum(dim=1).tolist()
+    rows = []
+    for n, p, r in zip(lengths, prompt_lens, resp_rows):
+        row = torch.zeros(n, dtype=torch.int32, device=r.device)
+        row[p:n] = r[: n - p].to(torch.int32)
+        row[n - 1] = 0
+        rows.append(row)
+    return torch.nested.nested_tensor_from_jagged(torch.cat(rows), offsets=ids.offsets())
+
+
+def _layout_tokens(nested: torch.Tensor, *, remove_padding: bool, pad_size: int) -> torch.Tensor:
+    """``[B, T]`` of a jagged per-token tensor, laid out like the model input (as ``micro_batch_routing``)."""
+    values = nested.values()
+    if remove_padding:
+        return torch.cat([values, values.new_zeros(pad_size)]).unsqueeze(0)
+    lengths = nested.offsets().diff()
+    return torch.nested.to_padded_tensor(nested, padding=0, output_size=(len(lengths), int(lengths.max())))
+
+
+def routing_metrics(routed, native, used, token_mask, moe_layers, *, replayed: bool) -> dict:
+    """Routing figures of one micro-batch over (response token, MoE layer) pairs.
+
+    ``routed`` is the rollout's routing, ``native`` the trainer's own top-k, ``used`` what the
+    experts received (``native`` when nothing is replayed), all ``[B, T, L, K]``;
+    ``token_mask`` ``[B, T]`` selects the response tokens that have rollout routing.
+
+    router_disagree: pairs with rollout routing where the trainer's own expert set differs.
+    router_disagree_replayed: the same for the experts actually used (0 when replay is active).
+    replay_active_frac / fallback_frac: pairs replayed / pairs without rollout routing.
+    """
+    from verl_r3.core.metrics import expert_sets_differ
+
+    layers = sorted(moe_layers)
+    r = routed[:, :, layers]
+    have = (r != MISSING).all(-1) & token_mask.bool().unsqueeze(-1)  # [B, T, Lm]
+    total = int(token_mask.bool().sum()) * len(layers)
+    n = int(have.sum())
+    out = {"fallback_frac": 1.0 - n / total if total else 0.0,
+           "replay_active_frac": n / total if (total and replayed) else 0.0}
+    if n:
+        out["router_disagree"] = float(expert_sets_differ(native[:, :, layers], r)[have].float().mean())
+        out["router_disagree_replayed"] = float(expert_sets_differ(used[:, :, layers], r)[have].float().mean())
+    return out
+
+
+def _logprob_figures(micro_batch) -> dict:
+    """k3 KL and F(tau) between rollout and old (trainer) log-probs, when the batch has both (update phase)."""
+    keys = micro_batch.keys()
+    if not {"rollout_log_probs", "old_log_probs", "response_mask"} <= set(keys):
+        return {}
+    from verl_r3.core.metrics import logprob_mismatch
+
+    rollout, old, mask = micro_batch["rollout_log_probs"], micro_batch["old_log_probs"], micro_batch["response_mask"]
+    if rollout.is_nested:
+        rollout, old, mask = rollout.values(), old.values(), mask.values()
+    mask = mask.bool()
+    if not bool(mask.any()):
+        return {}
+    return logprob_mismatch(rollout.float(), old.float(), mask)
+
+
+def _add_metrics(output: dict, figures: dict) -> None:
+    from verl.utils.metric import Metric
+
+    metrics = output.setdefault("metrics", {})
+    for key, value in figures.items():
+        if key == "tokens":
+            continue
+        metrics[f"r3/{key}"] = Metric(value=float(value), aggregation="mean")
 
 
 def _per_sample(routed_BTLK: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool) -> torch.Tensor:
