@@ -46,7 +46,8 @@ def model_dir(**config_kw):
 _pg_started = False
 
 
-def engine(path, *, remove_padding=True, mode="disabled", mbs=1, max_tokens=64, dynamic=False, lr=1e-2):
+def engine(path, *, remove_padding=True, mode="disabled", mbs=1, max_tokens=64, dynamic=False, lr=1e-2,
+           forward_only=False):
     """verl's engine for ``path`` built as TrainingWorker builds it (fp32, fsdp2)."""
     global _pg_started
     if not _pg_started:
@@ -60,7 +61,7 @@ def engine(path, *, remove_padding=True, mode="disabled", mbs=1, max_tokens=64, 
         mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
         use_dynamic_bsz=dynamic, max_token_len_per_gpu=max_tokens, infer_max_token_len_per_gpu=max_tokens,
         micro_batch_size_per_gpu=mbs, infer_micro_batch_size_per_gpu=mbs, use_remove_padding=remove_padding,
-        use_torch_compile=False, forward_only=False, offload_policy=False,
+        use_torch_compile=False, forward_only=forward_only, offload_policy=False,
         router_replay=EngineRouterReplayConfig(mode=mode),
     )
     model_config.model_type = "language_model"

@@ -138,6 +138,15 @@ elif P["mode"] == "R2":
         same.append(torch.equal(recorded[i].to(torch.int16), rec.routed_experts[0]))
     result["recorded_equal"] = same
     result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
+elif P["mode"] == "reference":
+    # verl's reference model is a forward-only engine; configured with R3 it still never replays.
+    eng = H.engine(path, remove_padding=P["rmpad"], mode="R3", forward_only=True)
+    td, out = engine_log_probs(eng, rollout)
+    result["rr_bound"] = eng._rr is not None
+    result["metrics"] = r3_metrics(out)
+    result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
+    result["diff_replay"] = max_diff(out["model_output"]["log_probs"],
+                                     [hf_log_probs(ids, r) for ids, r in zip(seqs, rollout)])
 else:
     eng = H.engine(path, remove_padding=P["rmpad"], mode="disabled")
     td, out = engine_log_probs(eng, None)
@@ -192,3 +201,10 @@ def test_disabled_mode_is_verls_engine_unchanged_and_measures_disagreement():
     assert m["r3/replay_active_frac"] == 0.0, m
     assert m["r3/router_disagree"] == pytest.approx(r["expected_disagree"]) and m["r3/router_disagree"] > 0, r
     assert m["r3/router_disagree_replayed"] == m["r3/router_disagree"]
+
+
+def test_reference_engine_never_replays_even_when_configured():
+    r = _run({"mode": "reference", "rmpad": True, "dynamic": False})
+    assert r["rr_bound"] is False and r["metrics"] == {}
+    # Its log-probs follow the trainer's own routing, not the rollout's.
+    assert r["diff_native"] < 1e-5 and r["diff_replay"] > 1e-3, r

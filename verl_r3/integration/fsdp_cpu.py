@@ -17,9 +17,10 @@ What runs on the CPU (checked by tests/integration/test_fsdp_engine_cpu.py): ``s
 engine settings, which are configuration, not code changes:
 
 - ``mixed_precision`` with ``param_dtype`` fp32 (or bf16; verl's default is bf16 autocast),
-- ``offload_policy=False`` and ``forward_only=False``: both turn on
-  ``CPUOffloadPolicy(pin_memory=True)``, and pinning host memory needs a CUDA/accelerator
-  runtime,
+- ``offload_policy=True`` and ``forward_only=True`` (verl's reference model) turn on
+  ``CPUOffloadPolicy(pin_memory=True)``, and pinning host memory needs an accelerator runtime:
+  ``register_cpu_engines`` applies ``verl_r3.patches.verl_fsdp2_offload_cpu_0_9``, which
+  builds that policy unpinned on the CPU platform,
 - the model config's ``override_config={"attn_implementation": "eager"}`` (or ``"sdpa"``):
   verl's default is ``flash_attention_2``. With ``use_remove_padding`` verl packs a
   micro-batch into one row with ``attention_mask=None``; transformers then derives the
@@ -70,7 +71,10 @@ def register_cpu_engines() -> dict:
     """
     from verl.workers.engine.base import EngineRegistry
 
+    from verl_r3.patches import verl_fsdp2_offload_cpu_0_9
+
     with _lock:
+        verl_fsdp2_offload_cpu_0_9.apply()
         present = registered()
         for model_type, engine_cls in _engine_classes().items():
             backends = [b for b in BACKENDS if (model_type, b) not in present]
