@@ -30,31 +30,28 @@ from __future__ import annotations
 
 import logging
 
-from packaging.version import Version
-
-from verl_r3.patches.verl_pg_backend_0_9 import installed_verl_version
+from verl_r3.patches._window import check_window, installed_version
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ">=0.9.0,<0.10.0"
-_LOW, _HIGH = Version("0.9.0"), Version("0.10.0")
 _TARGET_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 _NAME = "CPUOffloadPolicy"
 
 _original: list = []  # [original class] while applied
 
 
+def installed_verl_version() -> str | None:
+    return installed_version("verl")
+
+
 def check_version() -> str:
-    found = installed_verl_version()
-    if found is None:
-        raise RuntimeError(f"verl_fsdp2_offload_cpu_0_9 patches verl {SUPPORTED}, but verl is not installed")
-    if not (_LOW <= Version(Version(found).base_version) < _HIGH):
-        raise RuntimeError(
-            f"verl_fsdp2_offload_cpu_0_9 supports verl {SUPPORTED}, found verl {found}; check whether "
-            f"{_TARGET_MODULE} still builds CPUOffloadPolicy(pin_memory=True) and add a patch module for "
-            "its version window if it does"
-        )
-    return found
+    """Return the installed verl version, or raise RuntimeError if it is outside the window."""
+    return check_window(
+        "verl_fsdp2_offload_cpu_0_9", "verl", installed_verl_version(), SUPPORTED,
+        f"check whether {_TARGET_MODULE} still builds CPUOffloadPolicy(pin_memory=True) and add a patch module "
+        "for its version window if it does",
+    )
 
 
 def _offload_policy(*args, pin_memory: bool = True, **kwargs):

@@ -33,18 +33,16 @@ Applied by ``verl_r3.integration.cpu_platform.activate()``, never on import of t
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import sys
 from datetime import timedelta
 
-from packaging.version import Version
+from verl_r3.patches._window import check_window, installed_version
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ">=0.9.0,<0.10.0"
-_LOW, _HIGH = Version("0.9.0"), Version("0.10.0")
 _TARGET_MODULE = "verl.utils.distributed"
 _TARGET_NAMES = ("initialize_global_process_group", "initialize_global_process_group_ray")
 
@@ -54,26 +52,16 @@ _originals: dict[str, object] = {}
 
 def installed_verl_version() -> str | None:
     """The installed verl distribution's version, or None when verl is not installed."""
-    try:
-        return importlib.metadata.version("verl")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return installed_version("verl")
 
 
 def check_version() -> str:
     """Return the installed verl version, or raise RuntimeError if it is outside the window."""
-    found = installed_verl_version()
-    if found is None:
-        raise RuntimeError(f"verl_pg_backend_0_9 patches verl {SUPPORTED}, but verl is not installed")
-    # Compare the release only, so local builds such as 0.9.1+cpu or 0.9.2.dev0 stay inside.
-    release = Version(Version(found).base_version)
-    if not (_LOW <= release < _HIGH):
-        raise RuntimeError(
-            f"verl_pg_backend_0_9 supports verl {SUPPORTED}, found verl {found}; check whether that "
-            "verl still hard-codes 'cpu:gloo,<device>:<backend>' in verl/utils/distributed.py and "
-            "add a patch module for its version window if it does"
-        )
-    return found
+    return check_window(
+        "verl_pg_backend_0_9", "verl", installed_verl_version(), SUPPORTED,
+        "check whether that verl still hard-codes 'cpu:gloo,<device>:<backend>' in verl/utils/distributed.py and "
+        "add a patch module for its version window if it does",
+    )
 
 
 def default_backend() -> str:
