@@ -253,7 +253,7 @@ def test_summarize_exact_figures(run_dir):
     r3 = summary["grpo_r3"]
     assert r3["steps"] == 3
     assert r3["final_reward"] == 0.4 and r3["best_reward"] == 0.5
-    assert r3["mean_k3_kl"] == pytest.approx(0.02)
+    assert r3["first_k3_kl"] == 0.01 and r3["mean_k3_kl"] == pytest.approx(0.02)
     assert r3["mean_extreme_frac_2"] == pytest.approx(0.1)
     assert r3["mean_router_disagree"] == pytest.approx(0.4)
     assert r3["mean_router_disagree_replayed"] == 0.0
@@ -306,7 +306,7 @@ def test_main_writes_files_and_prints_table(run_dir, capsys):
     assert report.main([str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| variant | steps | final reward")
-    assert "| grpo_r3 | 3 | 0.4 | 0.5 | 0.02 | 0.1 | 0.4 | 0 | 3 |" in out
+    assert "| grpo_r3 | 3 | 0.4 | 0.5 | 0.01 | 0.02 | 0.1 | 0.4 | 0 | 3 |" in out
     assert "missing from `grpo.jsonl`" in out
     for name in ("summary.json", "report.md", "curves.png"):
         assert (run_dir / name).exists()

@@ -22,7 +22,11 @@ Sampling and log-probs
     ``temperature`` (0 means greedy), ``top_k`` and ``top_p`` shape the sampling
     distribution; the log-prob returned is ``log_softmax(logits / temperature)`` at the
     sampled token (before top-k/top-p), which is what verl's trainer recomputes. Generation
-    stops at an EOS id (``ignore_eos`` turns that off) or at ``max_tokens``.
+    stops at an EOS id (``ignore_eos`` turns that off) or at ``max_tokens``. Each request
+    samples from its own stream, seeded by (``rollout.seed``, weights version, prompt, how many
+    times that prompt was requested under these weights): a run's rollouts do not depend on
+    arrival order or batching, and runs that differ only after the rollout (R3 or not, GRPO or
+    GSPO) score the same first-step rollouts.
 
 Precision
     ``rollout.dtype`` (verl's key; bf16 by default) is the dtype the rollout model runs in,
@@ -40,6 +44,7 @@ Weights
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -129,6 +134,7 @@ class Request:
     top_k: int = -1
     top_p: float = 1.0
     ignore_eos: bool = False
+    seed: int | None = None  # sampling seed of this request; None: the generator's own stream
 
 
 @dataclass
@@ -186,7 +192,8 @@ class HFGenerator:
         return len(state)
 
     # one batch ---------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], streams: list[torch.Generator]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = logits.float()
         temp = torch.tensor([r.temperature for r in reqs], device=logits.device)
         greedy = temp <= 0
@@ -202,7 +209,11 @@ class HFGenerator:
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
         drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        choice = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=self.generator).squeeze(-1)
+        # One uniform per row from that request's own stream: a request samples the same tokens
+        # whatever else shares its batch.
+        u = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in streams])
+        cdf = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=vocab - 1)
         sampled = order.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         tokens = torch.where(greedy, logits.argmax(-1), sampled)
         return tokens, logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
@@ -237,6 +248,8 @@ class HFGenerator:
 
         from transformers import DynamicCache
 
+        streams = [torch.Generator(device=self.device).manual_seed(r.seed) if r.seed is not None else self.generator
+                   for r in reqs]
         cache = DynamicCache()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
                          use_cache=True)
@@ -245,7 +258,7 @@ class HFGenerator:
         produced = torch.zeros(B, dtype=torch.long, device=self.device)
         aborted = False
         for step in range(max_new):
-            token, logp = self._sample(out.logits[:, -1], reqs)
+            token, logp = self._sample(out.logits[:, -1], reqs, streams)
             token = torch.where(done, torch.full_like(token, self.pad), token)
             tokens_T.append(token)
             logps_T.append(logp)
@@ -318,8 +331,9 @@ class HFRolloutServer:
             capture_routing=bool(self.config.enable_rollout_routing_replay),
             seed=int(getattr(self.config, "seed", 0) or 0) + replica_rank, eos_token_ids=eos, pad_token_id=pad,
         )
+        self.seed = int(getattr(self.config, "seed", 0) or 0) + replica_rank
         self.global_steps = None
-        self.weights_version_time = None
+        self._repeats: dict[tuple[int, ...], int] = {}
         self._pending: list[tuple[Request, asyncio.Future]] = []
         self._wake: asyncio.Event | None = None
         self._loop_task = None
@@ -338,8 +352,14 @@ class HFRolloutServer:
         if max_len - n_prompt < 1:
             raise ValueError(f"prompt of {n_prompt} tokens leaves no room within prompt_length + response_length "
                              f"= {max_len}")
+        ids = [int(t) for t in prompt_ids]
+        # The k-th request for the same prompt under the same weights gets the same seed in every
+        # run: rollouts do not depend on arrival order or on how requests were batched.
+        repeat = self._repeats.get(tuple(ids), 0)
+        self._repeats[tuple(ids)] = repeat + 1
+        digest = hashlib.blake2b(repr((self.seed, self.global_steps, ids, repeat)).encode(), digest_size=8).digest()
         return Request(
-            prompt_ids=[int(t) for t in prompt_ids], max_tokens=max_tokens,
+            prompt_ids=ids, max_tokens=max_tokens, seed=int.from_bytes(digest, "little") >> 1,
             temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1) or -1),
             top_p=float(params.get("top_p", 1.0)), ignore_eos=bool(params.get("ignore_eos", False)),
         )
@@ -391,10 +411,12 @@ class HFRolloutServer:
     async def load_weights(self, named: list[tuple[str, torch.Tensor]], global_steps=None) -> int:
         count = await asyncio.to_thread(self.engine.load_weights, named)
         if global_steps is not None:
-            self.global_steps = global_steps
+            await self.set_global_steps(global_steps)
         return count
 
     async def set_global_steps(self, global_steps: int):
+        if global_steps != self.global_steps:
+            self._repeats.clear()
         self.global_steps = global_steps
 
     # control methods verl's replica fans out; weights stay resident (nothing to free) ---------

@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=8, help="routed experts per layer")
     p.add_argument("--top-k", type=int, default=2, help="experts per token")
     p.add_argument("--warm-start-steps", type=int, default=None, help="supervised warm-start steps")
-    p.add_argument("--lr", type=float, default=1e-3, help="actor learning rate")
+    p.add_argument("--lr", type=float, default=2e-4, help="actor learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per variant")
     return p.parse_args(argv)

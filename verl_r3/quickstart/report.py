@@ -55,13 +55,14 @@ _MEAN_FIELDS = {
     "mean_router_disagree_replayed": ROUTER_DISAGREE_REPLAYED_KEY,
 }
 
-SUMMARY_FIELDS = ("steps", "final_reward", "best_reward", *_MEAN_FIELDS, "seconds_per_step")
+SUMMARY_FIELDS = ("steps", "final_reward", "best_reward", "first_k3_kl", *_MEAN_FIELDS, "seconds_per_step")
 
 # (summary field, column header) of report.md, in order.
 _COLUMNS = (
     ("steps", "steps"),
     ("final_reward", "final reward"),
     ("best_reward", "best reward"),
+    ("first_k3_kl", "k3 KL, step 1"),
     ("mean_k3_kl", "k3 KL"),
     ("mean_extreme_frac_2", "F(2)"),
     ("mean_router_disagree", "router disagree"),
@@ -72,6 +73,8 @@ _COLUMNS = (
 _LEGEND = (
     "- **final reward** / **best reward**: `critic/score/mean` (mean rule reward of the step's rollouts) "
     "at the last step, and its maximum over steps.",
+    "- **k3 KL, step 1**: the k3 KL of the first step. Every variant starts from the same weights, "
+    "prompts and seeds, so at step 1 they score the same rollouts: the cleanest side-by-side figure.",
     "- **k3 KL**: mean over steps of the k3 KL estimate between the rollout engine's and the trainer's "
     "log-probs of the response tokens (`rollout_corr/k3_kl`).",
     "- **F(2)**: mean over steps of the fraction of response tokens whose rollout/trainer probability "
@@ -202,6 +205,8 @@ def summarize_variant(run: VariantRun) -> tuple[dict[str, float | int | None], l
         "final_reward": rewards[-1] if rewards else None,
         "best_reward": max(rewards) if rewards else None,
     }
+    k3 = run.series(K3_KL_KEY)
+    out["first_k3_kl"] = k3[0][1] if k3 else None  # step 1: every variant scores the same rollouts
     for name, key in _MEAN_FIELDS.items():
         values = [v for _, v in run.series(key)]
         out[name] = statistics.fmean(values) if values else None

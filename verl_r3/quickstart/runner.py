@@ -57,7 +57,7 @@ class RunSpec:
     n: int = 4  # responses per prompt
     prompt_length: int = 64
     response_length: int = 8
-    lr: float = 1e-3
+    lr: float = 2e-4
     seed: int = 0
     rollout_engine: str = "hf"
     rollout_dtype: str = "bfloat16"
