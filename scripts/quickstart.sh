@@ -17,15 +17,16 @@ LAYERS=${LAYERS:-4}
 EXPERTS=${EXPERTS:-8}
 TOP_K=${TOP_K:-2}
 WARM_START_STEPS=${WARM_START_STEPS:-}                     # empty: the model builder's default
+LR=${LR:-2e-4}                                             # actor learning rate
 SEED=${SEED:-0}
 OUT=${OUT:-runs/quickstart}
 export WANDB_MODE=${WANDB_MODE:-offline}                   # `wandb login` + WANDB_MODE=online to upload
 
 echo "quickstart: STEPS=$STEPS VARIANTS=$VARIANTS ROLLOUT_ENGINE=$ROLLOUT_ENGINE ROLLOUT_DTYPE=$ROLLOUT_DTYPE"
 echo "            PROMPTS=$PROMPTS SAMPLES=$SAMPLES HIDDEN=$HIDDEN LAYERS=$LAYERS EXPERTS=$EXPERTS TOP_K=$TOP_K"
-echo "            WARM_START_STEPS=${WARM_START_STEPS:-default} SEED=$SEED OUT=$OUT WANDB_MODE=$WANDB_MODE"
+echo "            WARM_START_STEPS=${WARM_START_STEPS:-default} LR=$LR SEED=$SEED OUT=$OUT WANDB_MODE=$WANDB_MODE"
 
 exec "$PYTHON" -m verl_r3.quickstart --out "$OUT" --variants "$VARIANTS" --steps "$STEPS" \
     --prompts "$PROMPTS" --samples "$SAMPLES" --engine "$ROLLOUT_ENGINE" --rollout-dtype "$ROLLOUT_DTYPE" \
-    --hidden "$HIDDEN" --layers "$LAYERS" --experts "$EXPERTS" --top-k "$TOP_K" --seed "$SEED" \
+    --hidden "$HIDDEN" --layers "$LAYERS" --experts "$EXPERTS" --top-k "$TOP_K" --lr "$LR" --seed "$SEED" \
     ${WARM_START_STEPS:+--warm-start-steps "$WARM_START_STEPS"}
