@@ -245,25 +245,6 @@ def test_patch_keeps_verl_backend_off_the_cpu_platform(patch_module):
     assert patch_module.default_backend() == expected
 
 
-@pytest.mark.parametrize("version", ["0.8.9", "0.10.0", "1.0.0"])
-def test_patch_refuses_verl_outside_its_window(patch_module, monkeypatch, version):
-    import verl.utils.distributed as vd
-
-    patch_module.revert()
-    before = vd.initialize_global_process_group_ray
-    monkeypatch.setattr(patch_module, "installed_verl_version", lambda: version)
-    with pytest.raises(RuntimeError, match=r">=0\.9\.0,<0\.10\.0") as err:
-        patch_module.apply()
-    assert version in str(err.value)
-    assert not patch_module.is_applied() and vd.initialize_global_process_group_ray is before
-
-
-@pytest.mark.parametrize("version", ["0.9.0", "0.9.1", "0.9.3.dev0", "0.9.1+cpu"])
-def test_patch_accepts_verl_inside_its_window(patch_module, monkeypatch, version):
-    monkeypatch.setattr(patch_module, "installed_verl_version", lambda: version)
-    assert patch_module.check_version() == version
-
-
 def test_patch_module_import_patches_nothing():
     out = _run(
         """
