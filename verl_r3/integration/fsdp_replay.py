@@ -63,10 +63,28 @@ def _valid_blocks(routed_nested: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"routed_experts blocks must be [n, layers, top_k], got values {tuple(values.shape)}")
     if values.dtype not in (torch.int16, torch.int32, torch.int64):
         values = values.to(torch.int32)
-    ends = routed_nested.offsets()[1:].to(torch.long)
-    lengths = routed_nested.offsets().diff()
-    values[ends[lengths > 0] - 1] = MISSING
+    values[_last_rows(routed_nested.offsets())] = MISSING
     return values
+
+
+def _last_rows(offsets: torch.Tensor) -> torch.Tensor:
+    """Row index of each non-empty sample's last token in a jagged tensor's values."""
+    lengths = offsets.diff()
+    return offsets[1:].to(torch.long)[lengths > 0] - 1
+
+
+def _layout_like_input(values: torch.Tensor, offsets: torch.Tensor, *, remove_padding: bool, pad_size: int,
+                       fill: int) -> torch.Tensor:
+    """Per-token ``values`` of a jagged batch laid out like verl's model input for a micro-batch:
+    packed into ``[1, total + pad_size, ...]`` with ``use_remove_padding``, else right-padded
+    ``[B, T, ...]``; ``fill`` goes in the padding."""
+    if remove_padding:
+        pad = values.new_full((pad_size, *values.shape[1:]), fill)
+        return torch.cat([values, pad]).unsqueeze(0)
+    lengths = offsets.diff()
+    nested = torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+    return torch.nested.to_padded_tensor(nested, padding=fill,
+                                         output_size=(len(lengths), int(lengths.max()), *values.shape[1:]))
 
 
 def micro_batch_routing(
@@ -83,15 +101,8 @@ def micro_batch_routing(
             f"{int(routed_lengths[sample]) if sample < routed_lengths.numel() else 'no'} routing rows for "
             f"{int(lengths[sample])} tokens"
         )
-    values = _valid_blocks(routed_nested)
-    if remove_padding:
-        if pad_size:
-            pad = values.new_full((pad_size, *values.shape[1:]), MISSING)
-            values = torch.cat([values, pad])
-        return values.unsqueeze(0)
-    blocks = torch.nested.nested_tensor_from_jagged(values, offsets=routed_nested.offsets())
-    return torch.nested.to_padded_tensor(blocks, padding=MISSING, output_size=(len(lengths), int(lengths.max()),
-                                                                             *values.shape[1:]))
+    return _layout_like_input(_valid_blocks(routed_nested), routed_nested.offsets(), remove_padding=remove_padding,
+                              pad_size=pad_size, fill=MISSING)
 
 
 def router_replay_mode(engine_config) -> str:
@@ -214,7 +225,8 @@ class RouterReplayEngineMixin:
         else:
             native = handle.native_experts if phase == "replay" else handle.routed_experts
             used = handle.used_experts if phase == "replay" else native
-            mask = _layout_tokens(_response_rows(micro_batch), remove_padding=remove_padding, pad_size=pad_size)
+            mask = _layout_like_input(_response_rows(micro_batch), micro_batch["input_ids"].offsets(),
+                                      remove_padding=remove_padding, pad_size=pad_size, fill=0)
             figures = routing_metrics(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
                                       replayed=phase == "replay")
             figures.update(_logprob_figures(micro_batch))
@@ -223,10 +235,9 @@ class RouterReplayEngineMixin:
 
 
 def _response_rows(micro_batch) -> torch.Tensor:
-    """Jagged 0/1 over each sample's tokens: response tokens in the loss mask, the sample's last
-    token excluded (the rollout reports no routing for it)."""
+    """Per-token 0/1 values over the micro-batch's jagged tokens: response tokens in the response
+    mask, each sample's last token excluded (the rollout reports no routing for it)."""
     ids = micro_batch["input_ids"]
-    lengths = ids.offsets().diff().tolist()
     resp = micro_batch["response_mask"] if "response_mask" in micro_batch.keys() else micro_batch["loss_mask"]
     resp_rows = list(resp.unbind()) if resp.is_nested else list(resp)
     prompts = micro_batch["prompts"]
@@ -235,21 +246,13 @@ def _response_rows(micro_batch) -> torch.Tensor:
     else:
         prompt_lens = micro_batch["attention_mask"][:, : prompts.shape[1]].sum(dim=1).tolist()
     rows = []
-    for n, p, r in zip(lengths, prompt_lens, resp_rows):
+    for n, p, r in zip(ids.offsets().diff().tolist(), prompt_lens, resp_rows):
         row = torch.zeros(n, dtype=torch.int32, device=r.device)
         row[p:n] = r[: n - p].to(torch.int32)
-        row[n - 1] = 0
         rows.append(row)
-    return torch.nested.nested_tensor_from_jagged(torch.cat(rows), offsets=ids.offsets())
-
-
-def _layout_tokens(nested: torch.Tensor, *, remove_padding: bool, pad_size: int) -> torch.Tensor:
-    """``[B, T]`` of a jagged per-token tensor, laid out like the model input (as ``micro_batch_routing``)."""
-    values = nested.values()
-    if remove_padding:
-        return torch.cat([values, values.new_zeros(pad_size)]).unsqueeze(0)
-    lengths = nested.offsets().diff()
-    return torch.nested.to_padded_tensor(nested, padding=0, output_size=(len(lengths), int(lengths.max())))
+    values = torch.cat(rows)
+    values[_last_rows(ids.offsets())] = 0
+    return values
 
 
 def routing_metrics(routed, native, used, token_mask, moe_layers, *, replayed: bool) -> dict:
