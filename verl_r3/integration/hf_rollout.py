@@ -50,7 +50,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
@@ -143,7 +143,6 @@ class Result:
     log_probs: list[float]
     routed_experts: np.ndarray | None  # [len(prompt) + len(response) - 1, layers, top_k]
     stop_reason: str  # "completed" or "aborted"
-    extra: dict = field(default_factory=dict)
 
 
 class HFGenerator:
@@ -501,7 +500,7 @@ def _replica_class():
             self.servers = [server]
             self._server_handle = server
             self._server_address = name  # no HTTP endpoint: verl talks to the actor handle
-            await server.set_global_steps.remote(None)
+            await server.set_global_steps.remote(None)  # waits for the model to load; surfaces its errors
 
         def rollout_worker_use_gpu(self) -> bool:
             return torch.cuda.is_available()

@@ -84,8 +84,6 @@ def cpu_overrides(spec: RunSpec) -> list[str]:
         "+actor_rollout_ref.model.override_config.attn_implementation=eager",
         "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-        "actor_rollout_ref.rollout.enable_sleep_mode=False" if spec.rollout_engine == "vllm" else
-        "actor_rollout_ref.rollout.free_cache_engine=True",
     ]
 
 
