@@ -44,6 +44,7 @@ Weights
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -184,7 +185,7 @@ class HFGenerator:
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy verl's streamed weights into the model (see ``fuse_expert_weights``)."""
         params = dict(self.model.named_parameters())
-        state = fuse_expert_weights(named, {k: v for k, v in params.items()})
+        state = fuse_expert_weights(named, params)
         with self.lock, torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(device=params[name].device, dtype=params[name].dtype))
@@ -198,11 +199,10 @@ class HFGenerator:
         greedy = temp <= 0
         scaled = logits / torch.where(greedy, torch.ones_like(temp), temp).unsqueeze(-1)
         logp = torch.log_softmax(scaled, dim=-1)
-        masked = scaled.clone()
         vocab = logits.shape[-1]
         top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in reqs], device=logits.device)
         top_p = torch.tensor([r.top_p for r in reqs], device=logits.device, dtype=torch.float32)
-        sorted_logits, order = masked.sort(dim=-1, descending=True)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         drop = ranks >= top_k.unsqueeze(-1)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
@@ -460,13 +460,8 @@ class HFRolloutServer:
         return {"aborted": False, "request_id": request_id, "error": "the hf rollout aborts whole batches only"}
 
 
-_REPLICA = None
-
-
+@functools.cache
 def _replica_class():
-    global _REPLICA
-    if _REPLICA is not None:
-        return _REPLICA
     from verl.workers.rollout.replica import RolloutReplica
 
     class HFReplica(RolloutReplica):
@@ -505,17 +500,11 @@ def _replica_class():
         def rollout_worker_use_gpu(self) -> bool:
             return torch.cuda.is_available()
 
-    _REPLICA = HFReplica
-    return _REPLICA
+    return HFReplica
 
 
-_ADAPTER = None
-
-
+@functools.cache
 def _adapter_class():
-    global _ADAPTER
-    if _ADAPTER is not None:
-        return _ADAPTER
     from verl.workers.rollout.base import BaseRollout
 
     class HFRolloutAdapter(BaseRollout):
@@ -563,8 +552,7 @@ def _adapter_class():
                 await self._server_handle().load_weights.remote(named, global_steps)
                 logger.info("hf rollout: synced %d tensors in %.2fs", len(named), time.time() - start)
 
-    _ADAPTER = HFRolloutAdapter
-    return _ADAPTER
+    return HFRolloutAdapter
 
 
 def __getattr__(name: str):
