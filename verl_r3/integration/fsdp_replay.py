@@ -30,7 +30,7 @@ Backward and checkpointing
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 
@@ -51,8 +51,9 @@ logger = logging.getLogger(__name__)
 MODES = ("disabled", "R2", "R3")
 
 
-def _valid_blocks(routed_nested: torch.Tensor) -> torch.Tensor:
-    """Values ``[total, L, K]`` of a jagged routing tensor with each sample's last row missing."""
+def _valid_blocks(routed_nested: torch.Tensor, moe_layers: Collection[int] | None = None) -> torch.Tensor:
+    """Values ``[total, L, K]`` of a jagged routing tensor with each sample's last row missing, and
+    every layer outside ``moe_layers`` missing (engines fill layers without a router with zeros)."""
     if not (isinstance(routed_nested, torch.Tensor) and routed_nested.is_nested):
         raise ValueError(
             "routed_experts must be verl's jagged (nested) tensor of one [n, layers, top_k] block per sample, "
@@ -64,6 +65,10 @@ def _valid_blocks(routed_nested: torch.Tensor) -> torch.Tensor:
     if values.dtype not in (torch.int16, torch.int32, torch.int64):
         values = values.to(torch.int32)
     values[_last_rows(routed_nested.offsets())] = MISSING
+    if moe_layers is not None:
+        dense = [layer for layer in range(values.shape[1]) if layer not in moe_layers]
+        if dense:
+            values[:, dense] = MISSING
     return values
 
 
@@ -88,9 +93,13 @@ def _layout_like_input(values: torch.Tensor, offsets: torch.Tensor, *, remove_pa
 
 
 def micro_batch_routing(
-    routed_nested: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool, pad_size: int = 0
+    routed_nested: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool, pad_size: int = 0,
+    moe_layers: Collection[int] | None = None,
 ) -> torch.Tensor:
-    """Dense ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch."""
+    """Dense ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
+
+    Rows of layers outside ``moe_layers`` (dense layers) become ``MISSING`` whatever the engine
+    wrote there: vLLM's capture reports every decoder layer and leaves zeros in dense ones."""
     lengths = input_ids_nested.offsets().diff()
     routed_lengths = routed_nested.offsets().diff()
     if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths.cpu(), lengths.cpu()):
@@ -101,7 +110,7 @@ def micro_batch_routing(
             f"{int(routed_lengths[sample]) if sample < routed_lengths.numel() else 'no'} routing rows for "
             f"{int(lengths[sample])} tokens"
         )
-    return _layout_like_input(_valid_blocks(routed_nested), routed_nested.offsets(), remove_padding=remove_padding,
+    return _layout_like_input(_valid_blocks(routed_nested, moe_layers), routed_nested.offsets(), remove_padding=remove_padding,
                               pad_size=pad_size, fill=MISSING)
 
 
@@ -211,7 +220,8 @@ class RouterReplayEngineMixin:
         routed = None
         if phase != "record":
             routed = micro_batch_routing(micro_batch["routed_experts"], micro_batch["input_ids"],
-                                         remove_padding=remove_padding, pad_size=pad_size)
+                                         remove_padding=remove_padding, pad_size=pad_size,
+                                         moe_layers=self._rr.moe_layers)
         if phase == "replay":
             self._rr_block = self._rr.replay(routed)
         else:

