@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 QUICK=${QUICK:-}
 STEPS=${STEPS:-$([ -n "$QUICK" ] && echo 2 || echo 12)}   # training steps per variant
 VARIANTS=${VARIANTS:-grpo,grpo_r3,grpo_tis,gspo,gspo_r3}  # also: grpo_r2
-ROLLOUT_ENGINE=${ROLLOUT_ENGINE:-hf}                       # actor_rollout_ref.rollout.name (hf; vllm/sglang need capture)
+ROLLOUT_ENGINE=${ROLLOUT_ENGINE:-vllm}                     # actor_rollout_ref.rollout.name: vllm | sglang | hf
 ROLLOUT_DTYPE=${ROLLOUT_DTYPE:-bfloat16}                   # the trainer runs fp32
 PROMPTS=${PROMPTS:-8}                                      # prompts per step
 SAMPLES=${SAMPLES:-4}                                      # responses per prompt
@@ -21,6 +21,13 @@ LR=${LR:-2e-4}                                             # actor learning rate
 SEED=${SEED:-0}
 OUT=${OUT:-runs/quickstart}
 export WANDB_MODE=${WANDB_MODE:-offline}                   # `wandb login` + WANDB_MODE=online to upload
+
+if [ "$ROLLOUT_ENGINE" = sglang ]; then
+    # SGLang pins its own torch: it runs in its own environment (built on first use, cached
+    # under ~/.cache/verl_r3), with this checkout on PYTHONPATH.
+    PYTHON="$(bash scripts/sglang_env.sh)/bin/python"
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 echo "quickstart: STEPS=$STEPS VARIANTS=$VARIANTS ROLLOUT_ENGINE=$ROLLOUT_ENGINE ROLLOUT_DTYPE=$ROLLOUT_DTYPE"
 echo "            PROMPTS=$PROMPTS SAMPLES=$SAMPLES HIDDEN=$HIDDEN LAYERS=$LAYERS EXPERTS=$EXPERTS TOP_K=$TOP_K"

@@ -2,6 +2,8 @@
 
     verl-r3 demo [--quick] [--seed N]          the replay demo on a tiny MoE (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
+    verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
+    verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
     verl-r3 --version
 
 Subcommands import their modules (torch models, transformers) only when they run, so
@@ -71,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--threads", type=_non_negative, default=1,
                         help="torch threads (default 1: steadier timings; 0 keeps torch's default)")
     replay.set_defaults(func=_bench_replay)
+
+    capture = benches.add_parser(
+        "capture",
+        help="rollout throughput with vs without routing capture",
+        description="Generation throughput of a rollout engine with and without routing capture on a tiny "
+        "Qwen3-MoE, interleaved round by round; report the medians and their ratio (target >= 0.99).",
+    )
+    capture.add_argument("--engine", required=True, choices=("hf", "vllm", "sglang"), help="rollout engine")
+    capture.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    capture.add_argument("--rounds", type=_positive, default=5, help="timed rounds per side (default 5)")
+    capture.add_argument("--prompts", type=_positive, default=32, help="prompts per batch (default 32)")
+    capture.add_argument("--prompt-len", type=_positive, default=64, help="prompt tokens (default 64)")
+    capture.add_argument("--new-tokens", type=_positive, default=64, help="generated tokens each (default 64)")
+    capture.add_argument("--layers", type=_positive, default=4, help="decoder layers, all MoE (default 4)")
+    capture.add_argument("--experts", type=_positive, default=8, help="routed experts (default 8)")
+    capture.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
+    capture.add_argument("--hidden", type=_positive, default=128, help="hidden size (default 128)")
+    capture.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="engine dtype")
+    capture.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    capture.set_defaults(func=_bench_capture)
+
+    doctor = commands.add_parser("doctor", help="installed versions and each engine's routing capture path",
+                                 description="Installed versions of verl, torch, transformers, vLLM and SGLang, "
+                                 "and for each rollout engine whether routing capture is native, patched or "
+                                 "unsupported (and why).")
+    doctor.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 
@@ -99,6 +128,28 @@ def _bench_replay(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(format_replay(result))
+    return 0
+
+
+def _bench_capture(args: argparse.Namespace) -> int:
+    from verl_r3.bench import capture
+
+    try:
+        result = capture.run(args.engine, rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                             hidden=args.hidden, dtype=args.dtype, seed=args.seed)
+    except (ValueError, RuntimeError) as exc:
+        print(f"verl-r3 bench capture: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else capture.format_result(result))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from verl_r3 import doctor
+
+    report = doctor.collect()
+    print(json.dumps(report, indent=2) if args.json else doctor.format_report(report))
     return 0
 
 

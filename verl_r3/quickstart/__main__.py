@@ -21,7 +21,7 @@ import sys
 import time
 
 from verl_r3.quickstart import data, model, report, reward
-from verl_r3.quickstart.runner import DEFAULT_VARIANTS, VARIANTS, RunSpec, run_variant
+from verl_r3.quickstart.runner import DEFAULT_VARIANTS, ENGINES, VARIANTS, RunSpec, run_variant
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="training steps per variant")
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")
     p.add_argument("--samples", type=int, default=4, help="responses per prompt (GRPO group size)")
-    p.add_argument("--engine", default="hf", help="rollout engine (actor_rollout_ref.rollout.name)")
+    p.add_argument("--engine", default="vllm", choices=ENGINES, help="rollout engine (actor_rollout_ref.rollout.name)")
     p.add_argument("--rollout-dtype", default="bfloat16", help="rollout precision (the trainer runs fp32)")
     p.add_argument("--hidden", type=int, default=64, help="model hidden size")
     p.add_argument("--layers", type=int, default=4, help="model layers (all MoE)")

@@ -44,6 +44,10 @@ VARIANTS: dict[str, dict] = {
 }
 DEFAULT_VARIANTS = ("grpo", "grpo_r3", "grpo_tis", "gspo", "gspo_r3")
 
+#: Rollout engines the quickstart runs (``actor_rollout_ref.rollout.name``): verl's vLLM server on
+#: vLLM's CPU build, verl's SGLang server (in SGLang's own environment), or verl_r3's ``hf``.
+ENGINES = ("vllm", "sglang", "hf")
+
 
 @dataclass
 class RunSpec:
@@ -59,7 +63,7 @@ class RunSpec:
     response_length: int = 8
     lr: float = 2e-4
     seed: int = 0
-    rollout_engine: str = "hf"
+    rollout_engine: str = "vllm"
     rollout_dtype: str = "bfloat16"
     project: str = "verl_r3_quickstart"
     group: str = "quickstart"

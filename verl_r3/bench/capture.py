@@ -1,0 +1,225 @@
+"""Cost of routing capture in a rollout engine: generation throughput with and without it.
+
+``verl-r3 bench capture --engine hf|vllm|sglang [--json]``. For each engine, two instances
+serve the same tiny randomly initialised Qwen3-MoE (the quickstart's architecture, built here
+from a config): one capturing routing, one not. Every round sends the same batch (``prompts``
+prompts of ``prompt_len`` random tokens, ``new_tokens`` generated tokens each, ``ignore_eos``)
+to one instance and then the other, alternating which goes first, after an untimed warm-up
+round each. Throughput is generated tokens over the wall time of the batch; the result gives
+each side's per-round figures, their medians and ``ratio = capture / plain`` (target >= 0.99).
+Every captured routing is checked to have one row per token fed, so the capture side really
+captured.
+
+- ``hf``: ``verl_r3.integration.hf_rollout.HFGenerator`` in this process (``capture_routing``).
+- ``vllm``: two ``AsyncLLM`` engines in this environment (``verl_r3.engines.vllm_engine``);
+  ``enable_return_routed_experts`` on one (on CPU through ``vllm_cpu_capture_0_32``).
+- ``sglang``: ``verl_r3.bench.capture_sglang`` in SGLang's own environment (a subprocess;
+  ``scripts/sglang_env.sh`` or ``VERL_R3_SGLANG_PYTHON``), or in this process when SGLang is
+  importable here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["ENGINES", "TARGET_RATIO", "run"]
+
+ENGINES = ("hf", "vllm", "sglang")
+TARGET_RATIO = 0.99
+MAX_POSITIONS = 256  # the quickstart architecture's max_position_embeddings
+
+
+def _machine(**extra) -> dict:
+    import torch
+
+    return {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": "cpu", **extra}
+
+
+def _build_model(path: str, *, layers: int, experts: int, top_k: int, hidden: int, seed: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from verl_r3.quickstart.model import build_config, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer, hidden_size=hidden, layers=layers, experts=experts, top_k=top_k)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _summary(engine: str, capture_tps: list[float], plain_tps: list[float], shape: dict, machine: dict) -> dict:
+    capture, plain = statistics.median(capture_tps), statistics.median(plain_tps)
+    return {"engine": engine, "tokens_per_s_capture": capture, "tokens_per_s_plain": plain,
+            "ratio": capture / plain, "target": TARGET_RATIO, "rounds": len(capture_tps),
+            "capture_runs": capture_tps, "plain_runs": plain_tps, "shape": shape, "machine": machine}
+
+
+def _interleave(rounds: int, timed) -> tuple[list[float], list[float]]:
+    """``timed(side)`` -> tokens/s; one untimed call per side, then ``rounds`` alternating pairs."""
+    timed("capture"), timed("plain")
+    out = {"capture": [], "plain": []}
+    for i in range(rounds):
+        for side in (("capture", "plain") if i % 2 == 0 else ("plain", "capture")):
+            out[side].append(timed(side))
+    return out["capture"], out["plain"]
+
+
+def _run_hf(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dtype: str) -> tuple[list, list, dict]:
+    import torch
+
+    from verl_r3.integration.hf_rollout import HFGenerator, Request
+
+    generators = {side: HFGenerator(path, dtype=getattr(torch, dtype), capture_routing=side == "capture", seed=0)
+                  for side in ("capture", "plain")}
+
+    def timed(side: str) -> float:
+        requests = [Request(prompt_ids=p, max_tokens=new_tokens, ignore_eos=True) for p in batch]
+        began = time.perf_counter()
+        results = generators[side].generate(requests)
+        seconds = time.perf_counter() - began
+        for p, r in zip(batch, results):
+            if side == "capture" and r.routed_experts.shape[0] != len(p) + len(r.token_ids) - 1:
+                raise RuntimeError(f"hf capture returned {r.routed_experts.shape[0]} rows for "
+                                   f"{len(p) + len(r.token_ids)} tokens")
+        return sum(len(r.token_ids) for r in results) / seconds
+
+    capture, plain = _interleave(rounds, timed)
+    import transformers
+
+    return capture, plain, _machine(transformers=transformers.__version__)
+
+
+def _run_vllm(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dtype: str) -> tuple[list, list, dict]:
+    # vLLM logs to stdout by default; the benchmark's stdout is its table or JSON.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    import vllm
+
+    from verl_r3.engines import vllm_engine as V
+
+    async def main():
+        length = len(batch[0]) + new_tokens
+        engines = {side: V.start_engine(path, capture=side == "capture", dtype=dtype, max_model_len=length,
+                                        max_num_batched_tokens=max(2048, length), max_num_seqs=len(batch))
+                   for side in ("capture", "plain")}
+        try:
+            async def timed(side: str) -> float:
+                figures = await V.run(engines[side], [V.EngineRequest(p, new_tokens) for p in batch])
+                for c in figures.completions:
+                    rows = None if c.routed_experts is None else c.routed_experts.shape[0]
+                    want = len(c.prompt_ids) + len(c.token_ids) - 1 if side == "capture" else None
+                    if rows != want:
+                        raise RuntimeError(f"vllm {side}: {rows} routing rows, expected {want}")
+                return figures.generated_tokens / figures.seconds
+
+            await timed("capture"), await timed("plain")
+            out = {"capture": [], "plain": []}
+            for i in range(rounds):
+                for side in (("capture", "plain") if i % 2 == 0 else ("plain", "capture")):
+                    out[side].append(await timed(side))
+            return out["capture"], out["plain"]
+        finally:
+            for engine in engines.values():
+                engine.shutdown()
+
+    capture, plain = asyncio.run(main())
+    return capture, plain, _machine(vllm=vllm.__version__)
+
+
+def sglang_python() -> str | None:
+    """The interpreter of SGLang's environment: ``VERL_R3_SGLANG_PYTHON``, else the one
+    ``scripts/sglang_env.sh`` builds (or finds cached) when running from a checkout."""
+    if os.environ.get("VERL_R3_SGLANG_PYTHON"):
+        return os.environ["VERL_R3_SGLANG_PYTHON"]
+    script = Path(__file__).resolve().parents[2] / "scripts" / "sglang_env.sh"
+    if not script.exists():
+        return None
+    env_dir = subprocess.run(["bash", str(script)], check=True, capture_output=True, text=True).stdout.strip()
+    return os.path.join(env_dir, "bin", "python")
+
+
+def _run_sglang(**kw) -> dict:
+    try:
+        import sglang  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        from verl_r3.bench import capture_sglang
+
+        return capture_sglang.run(**kw)
+    python = sglang_python()
+    if python is None:
+        raise RuntimeError("SGLang is not installed here; set VERL_R3_SGLANG_PYTHON to an interpreter that has it")
+    root = str(Path(__file__).resolve().parents[2])
+    args = [python, "-m", "verl_r3.bench.capture_sglang", "--json"]
+    for key, value in kw.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"SGLang benchmark failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,
+        layers: int = 4, experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32",
+        seed: int = 0) -> dict:
+    """Measure ``engine`` and return the result dict (see the module docstring)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
+                        ("new_tokens", new_tokens)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    shape = {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "layers": layers,
+             "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype}
+    if engine == "sglang":
+        result = _run_sglang(rounds=rounds, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
+                             layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed)
+        result.setdefault("target", TARGET_RATIO)
+        return result
+    if prompt_len + new_tokens > MAX_POSITIONS:
+        raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
+                         f"{MAX_POSITIONS} positions")
+    rng = random.Random(seed)
+    batch = [[rng.randrange(3, 250) for _ in range(prompt_len)] for _ in range(prompts)]
+    with tempfile.TemporaryDirectory() as path:
+        _build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
+        runner = _run_hf if engine == "hf" else _run_vllm
+        capture, plain, machine = runner(path, batch, new_tokens, rounds, dtype)
+    return _summary(engine, capture, plain, shape, machine)
+
+
+def format_result(result: dict) -> str:
+    """The readable table of a ``run`` result."""
+    s, m = result.get("shape", {}), result.get("machine", {})
+    verdict = "within" if result["ratio"] >= result["target"] else "BELOW"
+    lines = [f"verl-r3 bench capture --engine {result['engine']}: generation throughput with vs without capture"]
+    if s:
+        lines.append(f"shape    {s.get('prompts')} prompts x {s.get('prompt_len')} tokens, {s.get('new_tokens')} new "
+                     f"tokens each; {s.get('layers')} layers, {s.get('experts')} experts, top-{s.get('top_k')}, "
+                     f"hidden {s.get('hidden')}, {s.get('dtype')}")
+    if m:
+        lines.append("machine  " + ", ".join(f"{k} {v}" for k, v in m.items()))
+    lines.append(f"rounds   {result['rounds']} per side, interleaved; median tokens/s:")
+    for side in ("capture", "plain"):
+        runs = result.get(f"{side}_runs")
+        tail = f"   runs: {', '.join(f'{x:.0f}' for x in runs)}" if runs else ""
+        lines.append(f"  {side:<9}{result[f'tokens_per_s_{side}']:10.0f}{tail}")
+    lines.append(f"ratio    {result['ratio']:.4f} capture / plain  (target >= {result['target']}: {verdict})")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit("run `verl-r3 bench capture --engine ENGINE`")
