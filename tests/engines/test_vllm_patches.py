@@ -13,7 +13,9 @@ import torch
 pytest.importorskip("vllm")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import engine_harness as H  # noqa: E402
+from patch_state import reverted  # noqa: E402
 
 from verl_r3.integration import vllm_cpu  # noqa: E402
 
@@ -22,13 +24,8 @@ PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_keep_weights_0_32"]
 
 @pytest.fixture(params=PATCHES)
 def patch_module(request):
-    patch = importlib.import_module(f"verl_r3.patches.{request.param}")
-    was_applied = patch.is_applied()
-    patch.revert()
-    yield patch
-    patch.revert()
-    if was_applied:
-        patch.apply()
+    with reverted(importlib.import_module(f"verl_r3.patches.{request.param}")) as patch:
+        yield patch
 
 
 @pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
@@ -77,19 +74,13 @@ def test_the_entry_point_applies_the_capture_patch_and_without_it_vllm_refuses_c
     path, _, _ = H.model_dir()
     load_general_plugins()  # what vLLM does in each of its processes (once per process)
     assert patch.is_applied()
-    was = patch.is_applied()
-    patch.revert()
-    try:
+    with reverted(patch):
         with pytest.raises(ValueError, match="requires Model Runner V2"):
             _engine_config(path)
         patch.apply()
         config = _engine_config(path)
         assert config.aux_output_config.enable_return_routed_experts
         assert not config.use_v2_model_runner  # the CPU build's own runner, patched
-    finally:
-        patch.revert()
-        if was:
-            patch.apply()
 
 
 def test_keep_weights_leaves_a_loadable_weight_after_cpu_packing():
@@ -103,19 +94,13 @@ def test_keep_weights_leaves_a_loadable_weight_after_cpu_packing():
         utils.dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
         return layer
 
-    was = patch.is_applied()
-    patch.revert()
-    try:
+    with reverted(patch):
         assert packed_layer().weight.numel() == 0  # vLLM's default: the weight is gone after packing
         patch.apply()
         layer = packed_layer()
         assert layer.weight.shape == (64, 64)
         x = torch.randn(3, 64)
         assert torch.allclose(layer.cpu_linear(x, layer.weight, None), x @ layer.weight.T, atol=1e-4)
-    finally:
-        patch.revert()
-        if was:
-            patch.apply()
 
 
 def test_the_cpu_build_answers_to_the_name_vllm_with_a_cpu_suffix():

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from patch_state import reverted  # noqa: E402
 
 pytest.importorskip("verl")
 
@@ -13,13 +18,8 @@ PATCHES = ["verl_pg_backend_0_9", "verl_fsdp2_offload_cpu_0_9", "verl_tool_agent
 
 @pytest.fixture(params=PATCHES)
 def patch_module(request):
-    patch = importlib.import_module(f"verl_r3.patches.{request.param}")
-    was_applied = patch.is_applied()
-    patch.revert()
-    yield patch
-    patch.revert()
-    if was_applied:
-        patch.apply()
+    with reverted(importlib.import_module(f"verl_r3.patches.{request.param}")) as patch:
+        yield patch
 
 
 @pytest.mark.parametrize("version", ["0.8.9", "0.10.0", "1.0.0"])
