@@ -19,7 +19,7 @@ from patch_state import reverted  # noqa: E402
 
 from verl_r3.integration import vllm_cpu  # noqa: E402
 
-PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_keep_weights_0_32"]
+PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_weight_sync_0_32"]
 
 
 @pytest.fixture(params=PATCHES)
@@ -86,7 +86,7 @@ def test_the_entry_point_applies_the_capture_patch_and_without_it_vllm_refuses_c
 def test_keep_weights_leaves_a_loadable_weight_after_cpu_packing():
     from vllm.model_executor.layers import utils
 
-    from verl_r3.patches import vllm_cpu_keep_weights_0_32 as patch
+    from verl_r3.patches import vllm_cpu_weight_sync_0_32 as patch
 
     def packed_layer():
         layer = torch.nn.Linear(64, 64, bias=False)
@@ -120,3 +120,33 @@ def test_the_plugin_is_registered_and_reports_the_patch_path():
     assert "verl_r3.integration.vllm_cpu:plugin" in [ep.value for ep in points]
     path, reason = vllm_cpu.capture_path()
     assert path == "patch" and "vllm_cpu_capture_0_32" in reason
+
+
+def _warm_model_dir():
+    """The tiny model with weights far from vLLM's dummy init (scaled up), so a failed sync shows."""
+    path, cfg, _ = H.model_dir()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8.0)
+    model.save_pretrained(path)
+    return path
+
+
+def test_verls_weight_sync_into_vllm_on_cpu_reproduces_the_model_exactly():
+    import json
+    import subprocess
+
+    path = _warm_model_dir()
+    env = dict(os.environ, VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="verl_r3.integration.activate")
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "vllm_sync_driver.py"), path],
+                          capture_output=True, text=True, timeout=300, env=env, start_new_session=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["disk_gap"] < 1e-4 and r["dummy_gap"] > 0.1  # the check separates right from wrong weights
+    assert r["differ"] == [], r["differ"]  # every parameter, experts' packed layout included
+    assert r["synced_gap"] < 1e-4, r

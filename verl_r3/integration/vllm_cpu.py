@@ -12,7 +12,7 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   ``vllm.general_plugins`` entry point (setup.cfg), which vLLM calls in every process it
   starts. On the CPU platform it applies ``verl_r3.patches.vllm_cpu_capture_0_32`` (routing
   capture in the CPU model runner; inert unless ``enable_return_routed_experts`` is on) and,
-  under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_keep_weights_0_32`` (weights
+  under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_weight_sync_0_32`` (weights
   stay loadable so verl can sync them every step). On GPUs it does nothing: vLLM's native
   capture is used there.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
@@ -95,7 +95,7 @@ def plugin() -> None:
 
     if not current_platform.is_cpu():
         return  # GPUs: vLLM's native routing capture
-    from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_keep_weights_0_32
+    from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_weight_sync_0_32
 
     try:
         vllm_cpu_capture_0_32.apply()
@@ -104,7 +104,7 @@ def plugin() -> None:
         # enable_return_routed_experts is then refused.
         logger.warning("verl_r3: routing capture on CPU is unavailable: %s", exc)
     if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
-        vllm_cpu_keep_weights_0_32.apply()
+        vllm_cpu_weight_sync_0_32.apply()
 
 
 def capture_path() -> tuple[str, str]:

@@ -1,0 +1,191 @@
+"""Patch: verl 0.9.x's SGLang rollout server against SGLang 0.5.23's interfaces.
+
+What it patches (verl 0.9.1, package ``verl.workers.rollout.sglang_rollout``)
+    1. ``async_sglang_server.dataclasses``: the module's binding of ``dataclasses``, replaced by a
+       namespace whose ``fields()`` also lists the fields of a msgspec ``Struct``.
+    2. ``http_server_engine.AsyncHttpServerAdapter``: the methods ``begin_weight_update`` and
+       ``end_weight_update`` (POST to SGLang's endpoints of the same names), which makes the
+       class instantiable again.
+    3. ``sglang_rollout.ServerAdapter.update_weights``: wrapped in one weight-update session
+       (begin before the first bucket, end after the last) on the server's TP leader.
+    4. ``async_sglang_server.SGLangHttpServer.launch_server``: after launch, the server's
+       ``tokenizer_manager.generate_request`` (that instance only) turns
+       ``meta_info["routed_experts"]`` from SGLang's base64 string into the int32 tensor
+       ``[rows, num_hidden_layers, num_experts_per_tok]`` verl reads.
+
+Why
+    verl 0.9.1 was written against SGLang 0.5.12; SGLang 0.5.23 (the release that runs on the
+    CPU, see ``verl_r3.patches.sglang_cpu_0_5``) changed four things verl relies on:
+    1. ``ServerArgs`` is a msgspec ``Struct``, not a dataclass: ``launch_server`` raises
+       ``TypeError: must be called with a dataclass type or instance``.
+    2. ``EngineBase`` gained the abstract methods ``begin_weight_update``/``end_weight_update``:
+       ``AsyncHttpServerAdapter`` cannot be instantiated (``TypeError: Can't instantiate
+       abstract class``), so no weight sync starts.
+    3. Weight updates must run inside such a session (``sglang.srt.weight_sync.utils``).
+    4. ``meta_info["routed_experts"]`` is base64 of little-endian int32 (the format
+       ``verl_r3.core.formats.from_sglang`` reads); verl calls ``.numpy()`` on it
+       (``AttributeError: 'str' object has no attribute 'numpy'``) with skip_tokenizer_init, and
+       imports ``sglang.srt.layers.moe.routed_experts_capturer``, which 0.5.23 no longer has,
+       without.
+
+Upstream reference
+    verl 0.9.1: ``verl/workers/rollout/sglang_rollout/async_sglang_server.py``
+    (``SGLangHttpServer.launch_server``, ``generate``), ``http_server_engine.py``
+    (``AsyncHttpServerAdapter``), ``sglang_rollout.py`` (``ServerAdapter.update_weights``);
+    sglang 0.5.23: ``srt/server_args.py``, ``srt/entrypoints/EngineBase.py``,
+    ``srt/entrypoints/http_server.py`` (``/begin_weight_update``, ``/end_weight_update``).
+
+Versions tested
+    verl 0.9.1 with sglang 0.5.23 (torch 2.14.1, CPU): ``main_ppo`` with
+    ``actor_rollout_ref.rollout.name=sglang`` and R3, weights synced every step.
+
+Remove when
+    verl supports SGLang 0.5.23's interfaces (or verl_r3 moves to a verl that does).
+
+Importing verl's SGLang modules imports SGLang: apply only where verl's SGLang rollout is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import types
+
+from verl_r3.patches._window import check_window, installed_version
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_VERL = ">=0.9.0,<0.10.0"
+SUPPORTED_SGLANG = ">=0.5.23,<0.6.0"
+_PKG = "verl.workers.rollout.sglang_rollout"
+
+_originals: dict[str, object] = {}  # what apply() replaced, for revert(); empty = not applied
+
+
+def check_version() -> tuple[str, str]:
+    """Return (verl, sglang) versions, or raise RuntimeError if either is outside its window."""
+    hint = "check verl's SGLang server against that SGLang and add a patch module for the pair if it still breaks"
+    return (check_window("verl_sglang_server_0_9", "verl", installed_version("verl"), SUPPORTED_VERL, hint),
+            check_window("verl_sglang_server_0_9", "sglang", installed_version("sglang"), SUPPORTED_SGLANG, hint))
+
+
+def _fields(cls_or_instance):
+    """``dataclasses.fields`` that also accepts a msgspec Struct (objects with a ``.name``)."""
+    names = getattr(cls_or_instance, "__struct_fields__", None)
+    if names is not None:
+        return tuple(types.SimpleNamespace(name=name) for name in names)
+    return dataclasses.fields(cls_or_instance)
+
+
+_DATACLASSES = types.SimpleNamespace(**{name: getattr(dataclasses, name) for name in dataclasses.__all__})
+_DATACLASSES.fields = _fields
+
+
+async def _begin_weight_update(self, selector: str = "all"):
+    return await self._make_async_request("begin_weight_update", {"selector": selector})
+
+
+async def _end_weight_update(self):
+    return await self._make_async_request("end_weight_update", {})
+
+
+async def _update_weights(self, weights, *args, **kwargs):
+    """verl's ``ServerAdapter.update_weights`` inside one SGLang weight-update session."""
+    await self._init_server_adapter()
+    leader = self._engine is not None and self._is_server_tp_leader()
+    if leader:
+        await self._engine.begin_weight_update()
+    try:
+        return await _originals["update_weights"](self, weights, *args, **kwargs)
+    finally:
+        if leader:
+            await self._engine.end_weight_update()
+
+
+def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int) -> None:
+    """Replace SGLang's base64 ``meta_info["routed_experts"]`` by an int32 tensor [rows, L, K], in place."""
+    encoded = meta_info.get("routed_experts")
+    if not isinstance(encoded, (str, bytes)):
+        return
+    import base64
+
+    import numpy as np
+    import torch
+
+    raw = base64.b64decode(encoded, validate=True)
+    if len(raw) % (4 * num_layers * top_k):
+        raise ValueError(f"SGLang routed_experts has {len(raw)} bytes, not a multiple of 4 x num_layers={num_layers} "
+                         f"x top_k={top_k}")
+    ids = np.frombuffer(raw, dtype="<i4").astype(np.int32)
+    meta_info["routed_experts"] = torch.from_numpy(ids).reshape(-1, num_layers, top_k)
+
+
+def _decoding(generate_request, num_layers: int, top_k: int):
+    async def generate_request_decoded(obj, request=None):
+        async for out in generate_request(obj, request):
+            if isinstance(out, dict) and isinstance(out.get("meta_info"), dict):
+                decode_routed_experts(out["meta_info"], num_layers, top_k)
+            yield out
+
+    generate_request_decoded.__wrapped__ = generate_request
+    return generate_request_decoded
+
+
+async def _launch_server(self, *args, **kwargs):
+    result = await _originals["launch_server"](self, *args, **kwargs)
+    manager = getattr(self, "tokenizer_manager", None)
+    if manager is not None and self.config.enable_rollout_routing_replay:
+        hf = self.model_config.hf_config
+        manager.generate_request = _decoding(manager.generate_request, hf.num_hidden_layers, hf.num_experts_per_tok)
+    return result
+
+
+def is_applied() -> bool:
+    return bool(_originals)
+
+
+def apply() -> bool:
+    """Install all four changes. Returns True if this call changed anything (idempotent)."""
+    if _originals:
+        return False
+    verl_version, sglang_version = check_version()
+    server = importlib.import_module(f"{_PKG}.async_sglang_server")
+    http = importlib.import_module(f"{_PKG}.http_server_engine")
+    rollout = importlib.import_module(f"{_PKG}.sglang_rollout")
+    adapter = http.AsyncHttpServerAdapter
+    _originals.update(
+        dataclasses=server.dataclasses,
+        abstract=adapter.__abstractmethods__,
+        update_weights=rollout.ServerAdapter.update_weights,
+        launch_server=server.SGLangHttpServer.launch_server,
+    )
+    server.dataclasses = _DATACLASSES
+    adapter.begin_weight_update = _begin_weight_update
+    adapter.end_weight_update = _end_weight_update
+    adapter.__abstractmethods__ = frozenset(adapter.__abstractmethods__ - {"begin_weight_update", "end_weight_update"})
+    rollout.ServerAdapter.update_weights = _update_weights
+    server.SGLangHttpServer.launch_server = _launch_server
+    logger.info("verl_sglang_server_0_9: verl %s with sglang %s: ServerArgs fields, weight-update sessions and "
+                "routed_experts decoding in %s", verl_version, sglang_version, _PKG)
+    return True
+
+
+def revert() -> bool:
+    """Restore verl's bindings. Idempotent."""
+    if not _originals:
+        return False
+    server = importlib.import_module(f"{_PKG}.async_sglang_server")
+    http = importlib.import_module(f"{_PKG}.http_server_engine")
+    rollout = importlib.import_module(f"{_PKG}.sglang_rollout")
+    adapter = http.AsyncHttpServerAdapter
+    server.dataclasses = _originals["dataclasses"]
+    for name in ("begin_weight_update", "end_weight_update"):
+        if name in adapter.__dict__:
+            delattr(adapter, name)
+    adapter.__abstractmethods__ = _originals["abstract"]
+    rollout.ServerAdapter.update_weights = _originals["update_weights"]
+    server.SGLangHttpServer.launch_server = _originals["launch_server"]
+    _originals.clear()
+    logger.info("verl_sglang_server_0_9: restored %s", _PKG)
+    return True
