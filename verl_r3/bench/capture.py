@@ -39,14 +39,14 @@ TARGET_RATIO = 0.99
 MAX_POSITIONS = 256  # the quickstart architecture's max_position_embeddings
 
 
-def _machine(**extra) -> dict:
+def machine(**extra) -> dict:
     import torch
 
     return {"processor": platform.processor() or platform.machine(), "machine": platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "device": "cpu", **extra}
 
 
-def _build_model(path: str, *, layers: int, experts: int, top_k: int, hidden: int, seed: int) -> None:
+def build_model(path: str, *, layers: int, experts: int, top_k: int, hidden: int, seed: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +98,7 @@ def _run_hf(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dty
     capture, plain = _interleave(rounds, timed)
     import transformers
 
-    return capture, plain, _machine(transformers=transformers.__version__)
+    return capture, plain, machine(transformers=transformers.__version__)
 
 
 def _run_vllm(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dtype: str) -> tuple[list, list, dict]:
@@ -134,7 +134,7 @@ def _run_vllm(path: str, batch: list[list[int]], new_tokens: int, rounds: int, d
                 engine.shutdown()
 
     capture, plain = asyncio.run(main())
-    return capture, plain, _machine(vllm=vllm.__version__)
+    return capture, plain, machine(vllm=vllm.__version__)
 
 
 def sglang_python() -> str | None:
@@ -195,7 +195,7 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     rng = random.Random(seed)
     batch = [[rng.randrange(3, 250) for _ in range(prompt_len)] for _ in range(prompts)]
     with tempfile.TemporaryDirectory() as path:
-        _build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
+        build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
         runner = _run_hf if engine == "hf" else _run_vllm
         capture, plain, machine = runner(path, batch, new_tokens, rounds, dtype)
     return _summary(engine, capture, plain, shape, machine)

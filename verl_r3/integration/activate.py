@@ -14,6 +14,8 @@ process it starts (driver, task runner, Ray workers). Importing this one:
   on the CPU platform, bounds vLLM's KV cache (``VLLM_CPU_KVCACHE_SPACE``, GiB, default 1 unless
   set) so ``actor_rollout_ref.rollout.name=vllm`` runs there. Routing capture inside vLLM's
   own processes comes from the ``vllm.general_plugins`` entry point, not from this module;
+- on the CPU platform with ``VERL_R3_SGLANG_CPU=1``, makes verl's SGLang rollout run on SGLang's
+  CPU device (``verl_r3.engines.sglang_engine.prepare_verl_rollout_on_cpu``);
 - keeps each turn's routing in verl's multi-turn tool agent loop
   (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's.
 """
@@ -21,6 +23,7 @@ process it starts (driver, task runner, Ray workers). Importing this one:
 import logging
 import os
 
+from verl_r3.engines.sglang_engine import CPU_FLAG as SGLANG_CPU_FLAG
 from verl_r3.integration import cpu_platform
 from verl_r3.integration.fsdp_cpu import register_cpu_engines
 from verl_r3.integration.fsdp_replay import register_replay_engines
@@ -34,6 +37,10 @@ if cpu_platform.is_selected():
     if KV_CACHE_ENV not in os.environ:
         os.environ[KV_CACHE_ENV] = "1"
         logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
+    if os.environ.get(SGLANG_CPU_FLAG) == "1":  # verl's SGLang rollout, in SGLang's own environment
+        from verl_r3.engines.sglang_engine import prepare_verl_rollout_on_cpu
+
+        prepare_verl_rollout_on_cpu()
 register_replay_engines()
 register_hf_rollout()
 verl_tool_agent_loop_0_9.apply()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "RunSpec", "cpu_overrides", "merge_overrides", "variant_overrides", "run_env", "run_variant"]
 
@@ -94,6 +95,17 @@ def cpu_overrides(spec: RunSpec) -> list[str]:
     ]
 
 
+#: verl's SGLang rollout on SGLang's CPU device (with ``VERL_R3_SGLANG_CPU=1``, see ``run_env``).
+#: SGLang's memory release synchronizes a CUDA device, hence ``free_cache_engine=False``.
+SGLANG_CPU_OVERRIDES = (
+    "+actor_rollout_ref.rollout.engine_kwargs.sglang.device=cpu",
+    "+actor_rollout_ref.rollout.engine_kwargs.sglang.attention_backend=torch_native",
+    "+actor_rollout_ref.rollout.engine_kwargs.sglang.enable_memory_saver=False",
+    "+actor_rollout_ref.rollout.engine_kwargs.sglang.max_total_tokens=4096",
+    "actor_rollout_ref.rollout.free_cache_engine=False",
+)
+
+
 def variant_overrides(variant: str, spec: RunSpec) -> list[str]:
     """The full override list of ``variant`` (one of ``VARIANTS``) for ``spec``."""
     if variant not in VARIANTS:
@@ -138,6 +150,7 @@ def variant_overrides(variant: str, spec: RunSpec) -> list[str]:
         "reward.custom_reward_function.name=compute_score",
         *v["algo"],
         *cpu_overrides(spec),
+        *(SGLANG_CPU_OVERRIDES if spec.rollout_engine == "sglang" else ()),
     ]
 
 
@@ -164,18 +177,24 @@ def run_env(spec: RunSpec, variant: str, base: dict | None = None) -> dict:
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
     })
+    if spec.rollout_engine == "sglang":
+        env["VERL_R3_SGLANG_CPU"] = "1"  # SGLang's CPU fixes, in every verl and SGLang process
+        # SGLang's environment runs verl_r3 from this checkout (it is not installed there).
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     return env
 
 
 def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: list[str] = (),
-                log_path: str | None = None) -> dict:
-    """Run ``main_ppo`` for ``variant``; returns {"returncode", "seconds", "log", "metrics"}.
+                log_path: str | None = None, python: str | None = None) -> dict:
+    """Run ``main_ppo`` for ``variant`` with ``python`` (default: this interpreter); returns
+    {"returncode", "seconds", "log", "metrics"}.
 
     Raises ``RuntimeError`` (with the log's tail) when the run fails or exceeds ``timeout_s``.
     """
     os.makedirs(os.path.join(spec.out_dir, "wandb"), exist_ok=True)
     log_path = log_path or os.path.join(spec.out_dir, f"{variant}.log")
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *merge_overrides(variant_overrides(variant, spec), extra)]
+    cmd = [python or sys.executable, "-m", "verl.trainer.main_ppo", *merge_overrides(variant_overrides(variant, spec), extra)]
     start = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env(spec, variant),

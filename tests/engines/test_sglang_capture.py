@@ -1,0 +1,274 @@
+"""SGLang's native routing capture on CPU, checked against a transformers fp32 recomputation.
+
+The test runs in the project's environment; SGLang runs in its own (scripts/sglang_env.sh,
+built by ``make test`` before the tests) through sglang_capture_driver.py in a subprocess
+under a wall-clock limit. One engine serves every case: two requests that share a long prefix
+(the second is served from SGLang's radix cache), then 18 concurrent prompts of different
+lengths and output budgets, each sampled twice (n=2), in a KV pool small enough that SGLang
+retracts running requests and recomputes them later. Every (token, layer) router of every output must equal
+the top-k of a transformers forward over prompt + output in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from verl_r3 import RouterReplay
+from verl_r3.engines import sglang_engine
+from verl_r3.quickstart.model import build_config, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = Path(__file__).with_name("sglang_capture_driver.py")
+ENV_BUILD_TIMEOUT_S = 1200  # only when the environment is missing (make test builds it first)
+DRIVER_TIMEOUT_S = 300
+LAYERS, EXPERTS, TOP_K = 4, 8, 2
+
+
+def sglang_python() -> str:
+    """The SGLang environment's python, built by scripts/sglang_env.sh if missing."""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "sglang_env.sh")], capture_output=True, text=True,
+                          timeout=ENV_BUILD_TIMEOUT_S)
+    if done.returncode != 0:
+        raise RuntimeError(f"scripts/sglang_env.sh failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return str(Path(done.stdout.strip().splitlines()[-1]) / "bin" / "python")
+
+
+def run_driver(spec: dict, tmp: Path) -> dict:
+    """Run the driver in the SGLang environment; its process group is killed on timeout."""
+    spec_file = tmp / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_USE_CPU_ENGINE"}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.Popen([sglang_python(), str(DRIVER), str(spec_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=DRIVER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        out, err = proc.communicate()
+        raise AssertionError(f"SGLang driver exceeded {DRIVER_TIMEOUT_S} s; stderr tail:\n{err[-4000:]}")
+    if proc.returncode != 0 or not out.strip():
+        raise AssertionError(f"SGLang driver failed ({proc.returncode}); stderr tail:\n{err[-6000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("sglang_model")
+    tokenizer = build_tokenizer()
+    config = build_config(tokenizer, hidden_size=128, layers=LAYERS, experts=EXPERTS, top_k=TOP_K)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir) -> dict:
+    rng = random.Random(0)
+    vocab = 256  # byte tokens only: no special tokens inside prompts
+    prefix = [rng.randrange(vocab) for _ in range(96)]
+    prompts = [[rng.randrange(vocab) for _ in range(4 + 5 * i)] for i in range(18)]
+    return {
+        "model": str(model_dir),
+        "checks": ["patch", "weight_sync", "verl_server", "capture"],
+        # 18 prompts x 2 samples need about 2,900 tokens of KV at their longest. SGLang admits a
+        # request on an estimate of the tokens it will still generate: all of max_new_tokens
+        # with ignore_eos, else a fraction that schedule_conservativeness scales (0.05 makes it
+        # optimistic). The batch therefore goes without ignore_eos (the random model rarely
+        # samples its end-of-sequence token, so most outputs still run to max_new_tokens): the
+        # pool is overcommitted, and SGLang retracts running requests when it runs out and
+        # recomputes them later.
+        "engine_args": {"max_total_tokens": 640, "schedule_conservativeness": 0.05},
+        "prefix": prefix,
+        "tails": [[rng.randrange(vocab) for _ in range(6)] for _ in range(2)],
+        "prefix_new_tokens": 8,
+        "prompts": prompts,
+        "max_new_tokens": [24 + 4 * (i % 7) for i in range(len(prompts))],
+        "ignore_eos": [False] * len(prompts),
+        "n": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def result(spec, tmp_path_factory) -> dict:
+    return run_driver(spec, tmp_path_factory.mktemp("sglang_run"))
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """Routing of a transformers fp32 forward: ids -> [len(ids), L, K] (native top-k)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    rr = RouterReplay(model)
+
+    def routing(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad(), rr.record() as rec:
+            model(input_ids=torch.tensor([ids]))
+        return rec.routed_experts[0]
+
+    return routing
+
+
+def assert_routing_matches(sample: dict, reference, who: str) -> None:
+    seq = sample["prompt"] + sample["output_ids"]
+    record = sglang_engine.routing_record({"routed_experts": sample["routed_experts"]}, num_layers=LAYERS,
+                                          top_k=TOP_K, num_experts=EXPERTS)
+    # SGLang's rows cover positions [0, N - 1): the last sampled token is never fed back.
+    assert (record.start, record.rows) == (0, len(seq) - 1), who
+    assert record.missing_mask().sum() == 0, who
+    got = record.to_dense().sort(dim=-1).values
+    want = reference(seq)[: len(seq) - 1].to(got.dtype).sort(dim=-1).values
+    differ = (got != want).any(dim=-1)  # [N - 1, L]
+    assert not differ.any(), (
+        f"{who}: {int(differ.sum())} of {differ.numel()} (token, layer) routers differ from the transformers "
+        f"reference, first at (row, layer) {differ.nonzero()[0].tolist()}"
+    )
+
+
+def test_patch_applies_reverts_and_never_leaves_a_vllm_module_behind(result):
+    p = result["patch"]
+    assert p["vllm_installed"] is False
+    # Unpatched, SGLang cannot build its rotary embedding on this device, and has no "cpu" allocator.
+    assert p["before_rotary_error"] and "vllm" in p["before_rotary_error"]
+    assert p["before_cpu_entry"] is False
+    assert p["apply"] == [True, False]  # idempotent
+    assert p["applied_cpu_entry_is_patch"] and p["applied_rotary_ok"]
+    assert p["vllm_left_in_sys_modules"] is False
+    assert p["alloc_shape"] == [3, 4, 2] and p["alloc_pinned"] is False
+    assert p["revert"] == [True, False]
+    assert p["after_cpu_entry"] is False
+    assert p["after_rotary_error"] and "vllm" in p["after_rotary_error"]
+
+
+def test_weight_sync_patch_lets_cpu_tensors_through_sglangs_reducer(result):
+    w = result["weight_sync"]
+    assert w["before"].startswith("IndexError")  # SGLang's CUDA-only reducer patch, unpatched
+    assert w["apply"] == [True, False] and w["strategy"] == "file_system"
+    assert w["applied"] is True  # pickled and unpickled to an equal tensor
+    assert w["revert"] == [True, False]
+    assert w["after"].startswith("IndexError") and w["strategy_after"] == "file_descriptor"
+
+
+def test_verl_server_patch_against_sglang_0_5_23(result):
+    v = result["verl_server"]
+    assert "abstract" in v["adapter_before"] and "begin_weight_update" in v["adapter_before"]
+    assert v["apply"] == [True, False]
+    assert v["adapter_applied"] is None and v["server_args_fields"] is True
+    assert v["decoded"] == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+    assert v["revert"] == [True, False]
+    assert "abstract" in v["adapter_after"]
+
+
+def test_concurrent_sampled_requests_return_the_reference_routing(result, spec, reference):
+    batch = result["capture"]["batch"]
+    n = spec["n"]
+    assert len(batch) == n * len(spec["prompts"])
+    for j, sample in enumerate(batch):
+        i = j // n
+        assert sample["prompt_tokens"] == len(spec["prompts"][i])
+        # Each output runs to its own max_new_tokens unless it samples the end-of-sequence token.
+        stopped = sample["finish_reason"]["type"] == "stop"
+        assert stopped or len(sample["output_ids"]) == spec["max_new_tokens"][i], f"sample {j}"
+        assert not (stopped and spec["ignore_eos"][i]), f"sample {j}"
+        assert_routing_matches(sample, reference, f"prompt {i}, sample {j % n}")
+    assert len({len(s["output_ids"]) for s in batch}) >= 7  # outputs of many lengths
+    # The n samples of a prompt are sampled independently.
+    assert any(batch[n * i]["output_ids"] != batch[n * i + 1]["output_ids"] for i in range(len(spec["prompts"])))
+
+
+def test_a_prefix_served_from_the_radix_cache_keeps_its_routing(result, spec, reference):
+    first, second = result["capture"]["prefix"]
+    assert first["cached_tokens"] == 0
+    assert second["cached_tokens"] >= len(spec["prefix"]), second["cached_tokens"]
+    for k, sample in enumerate((first, second)):
+        assert_routing_matches(sample, reference, f"prefix request {k}")
+
+
+def test_retracted_requests_keep_their_routing(result, spec, reference):
+    batch = result["capture"]["batch"]
+    retracted = [j for j, s in enumerate(batch) if s["num_retractions"] > 0]
+    assert retracted, "no request was retracted: shrink max_total_tokens or lengthen the outputs"
+    for j in retracted:  # already compared above; named here so a failure says which case broke
+        assert_routing_matches(batch[j], reference, f"retracted sample {j}")
+
+
+# -- in the project's environment, without SGLang ----------------------------------------------
+
+
+def test_patch_refuses_sglang_outside_its_window(monkeypatch):
+    patch = sglang_engine.cpu_patch()
+    for version in ("0.5.22", "0.6.0", "1.0.0"):
+        monkeypatch.setattr(patch, "installed_version", lambda name, v=version: v)
+        with pytest.raises(RuntimeError, match=r"sglang_cpu_0_5 supports sglang >=0\.5\.23,<0\.6\.0, found sglang "
+                                               + version.replace(".", r"\.")):
+            patch.apply()
+        assert not patch.is_applied()
+    for version in ("0.5.23", "0.5.30.dev0", "0.5.23+cpu"):
+        monkeypatch.setattr(patch, "installed_version", lambda name, v=version: v)
+        assert patch.check_version() == version
+    monkeypatch.setattr(patch, "installed_version", lambda name: None)
+    with pytest.raises(RuntimeError, match="sglang is not installed"):
+        patch.apply()
+
+
+def test_stand_in_never_shadows_an_installed_vllm(monkeypatch):
+    patch = sglang_engine.cpu_patch()
+    real = type(sys)("vllm")  # what an installed vLLM looks like once imported
+    monkeypatch.setitem(sys.modules, "vllm", real)
+    assert patch.vllm_installed()
+    with patch.vllm_custom_ops_stand_in():
+        assert sys.modules["vllm"] is real
+    assert sys.modules["vllm"] is real
+
+
+def test_stand_in_exists_only_inside_its_block(monkeypatch):
+    patch = sglang_engine.cpu_patch()
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.delitem(sys.modules, "vllm._custom_ops", raising=False)
+    monkeypatch.setattr(patch.importlib.util, "find_spec", lambda name, *a: None)  # as if vLLM were absent
+    with patch.vllm_custom_ops_stand_in():
+        from vllm._custom_ops import rotary_embedding
+
+        with pytest.raises(RuntimeError, match="stand-in"):
+            rotary_embedding()
+    assert "vllm" not in sys.modules and "vllm._custom_ops" not in sys.modules
+
+
+def test_start_refuses_without_the_plugin_or_with_sglangs_cpu_engine(monkeypatch, tmp_path):
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    with pytest.raises(RuntimeError, match="SGLANG_USE_CPU_ENGINE=1"):
+        sglang_engine.start_cpu_engine(str(tmp_path))
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    if not sglang_engine.plugin_registered():  # the project's environment registers no SGLang plugin
+        with pytest.raises(RuntimeError, match="scripts/sglang_env.sh"):
+            sglang_engine.start_cpu_engine(str(tmp_path))
+
+
+@pytest.mark.parametrize("module", ["sglang_cpu_weight_sync_0_5", "verl_sglang_server_0_9"])
+def test_sglang_patches_refuse_when_sglang_is_missing_or_outside_their_window(module, monkeypatch):
+    import importlib
+
+    patch = importlib.import_module(f"verl_r3.patches.{module}")
+    versions = {"verl": "0.9.1", "sglang": None}
+    monkeypatch.setattr(patch, "installed_version", lambda name: versions[name])
+    with pytest.raises(RuntimeError, match="sglang is not installed"):
+        patch.apply()
+    versions["sglang"] = "0.6.0"
+    with pytest.raises(RuntimeError, match=r"supports sglang >=0\.5\.23,<0\.6\.0, found sglang 0\.6\.0"):
+        patch.apply()
+    assert not patch.is_applied()
+
+
+def test_routing_record_names_a_missing_capture():
+    with pytest.raises(ValueError, match="sample 3: .*enable_return_routed_experts=True"):
+        sglang_engine.routing_record({"id": "x"}, num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS, sample=3)
