@@ -74,7 +74,9 @@ _LEGEND = (
     "- **final reward** / **best reward**: `critic/score/mean` (mean rule reward of the step's rollouts) "
     "at the last step, and its maximum over steps.",
     "- **k3 KL, step 1**: the k3 KL of the first step. Every variant starts from the same weights, "
-    "prompts and seeds, so at step 1 they score the same rollouts: the cleanest side-by-side figure.",
+    "prompts and seeds. With `ROLLOUT_ENGINE=hf` (requests seeded by prompt) they score the same "
+    "rollouts at step 1: the cleanest side-by-side figure. vLLM and SGLang sample from one "
+    "engine-wide stream, so with them the step-1 rollouts differ from variant to variant.",
     "- **k3 KL**: mean over steps of the k3 KL estimate between the rollout engine's and the trainer's "
     "log-probs of the response tokens (`rollout_corr/k3_kl`).",
     "- **F(2)**: mean over steps of the fraction of response tokens whose rollout/trainer probability "
@@ -206,7 +208,7 @@ def summarize_variant(run: VariantRun) -> tuple[dict[str, float | int | None], l
         "best_reward": max(rewards) if rewards else None,
     }
     k3 = run.series(K3_KL_KEY)
-    out["first_k3_kl"] = k3[0][1] if k3 else None  # step 1: every variant scores the same rollouts
+    out["first_k3_kl"] = k3[0][1] if k3 else None  # step 1: the same rollouts for every variant with hf
     for name, key in _MEAN_FIELDS.items():
         values = [v for _, v in run.series(key)]
         out[name] = statistics.fmean(values) if values else None
