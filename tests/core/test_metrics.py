@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from verl_r3.core.metrics import extreme_frac_curve, logprob_mismatch, router_disagreement
+from verl_r3.core.metrics import (
+    extreme_frac_curve,
+    logprob_mismatch,
+    mismatch_from_sums,
+    mismatch_sums,
+    router_disagreement,
+    routing_from_sums,
+    routing_sums,
+)
 
 DEFAULT_KEYS = {
     "k3_kl",
@@ -398,3 +406,52 @@ def test_router_token_mask_shape_mismatch_raises():
         router_disagreement(a, a, token_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="token_mask"):
         router_disagreement(a, a, token_mask=torch.ones(2, 3, 4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------
+# additive statistics
+# --------------------------------------------------------------------------
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a[k] + b[k] for k in a}
+
+
+def test_mismatch_sums_of_two_batches_give_the_figures_of_both_at_once():
+    g = torch.Generator().manual_seed(3)
+    rollout = -torch.rand(2, 9, generator=g) * 4
+    train = rollout + torch.randn(2, 9, generator=g) * 0.8
+    mask = torch.rand(2, 9, generator=g) > 0.3
+    whole = logprob_mismatch(rollout, train, mask)
+    halves = _add(mismatch_sums(rollout[:1], train[:1], mask[:1]), mismatch_sums(rollout[1:], train[1:], mask[1:]))
+    assert mismatch_from_sums(halves) == pytest.approx(whole)
+    assert halves["tokens"] == float(mask.sum())
+
+
+def test_known_ratio_gives_known_counts_and_empty_mask_counts_nothing():
+    rollout = torch.zeros(4)
+    train = torch.tensor([0.0, math.log(3.0), -math.log(3.0), math.log(1.2)])
+    sums = mismatch_sums(rollout, train, torch.ones(4, dtype=torch.bool))
+    assert sums["extreme_count_1.5"] == 2.0 and sums["extreme_count_2"] == 2.0 and sums["extreme_count_5"] == 0.0
+    assert sums["k3_sum"] == pytest.approx((3 - 1 - math.log(3)) + (1 / 3 - 1 + math.log(3)) + (1.2 - 1 - math.log(1.2)))
+    empty = mismatch_sums(rollout, train, torch.zeros(4, dtype=torch.bool))
+    assert empty["tokens"] == 0.0 and empty["k3_sum"] == 0.0 and empty["extreme_count_2"] == 0.0
+    figures = mismatch_from_sums(empty)
+    assert math.isnan(figures["k3_kl"]) and math.isnan(figures["extreme_frac_2"])
+
+
+def test_routing_sums_add_up_and_count_used_and_missing_pairs():
+    g = torch.Generator().manual_seed(4)
+    a = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(10 * 3)]).view(10, 3, 2)
+    b = a.clone()
+    b[2, 1] = torch.tensor([5, 4]) if set(a[2, 1].tolist()) != {4, 5} else torch.tensor([0, 1])
+    b[7, 0] = torch.tensor([5, 4]) if set(a[7, 0].tolist()) != {4, 5} else torch.tensor([0, 1])
+    a[9, 2] = -1  # no rollout routing for one pair: missing, not counted
+    whole = router_disagreement(a, b)
+    sums = _add(routing_sums(a[:5], b[:5], used=a[:5]), routing_sums(a[5:], b[5:], used=a[5:]))
+    figures = routing_from_sums(sums)
+    assert figures["per_layer"] == whole.pop("per_layer") == [0.1, 0.1, 0.0]
+    assert {k: figures[k] for k in whole} == pytest.approx(whole)
+    assert figures["router"] == 2 / 29 and figures["router_used"] == 0.0
+    assert sums["missing"] == 1.0 and figures["missing_frac"] == 1 / 30
+    assert figures["token"] == 2 / 10 and figures["layers_per_token"] == 1.0

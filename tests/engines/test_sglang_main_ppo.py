@@ -49,9 +49,9 @@ def test_r3_through_verls_sglang_server(sglang_python, tmp_path):
     def series(key):
         return [step["data"].get(key) for step in r["metrics"]]
 
-    assert series("actor/r3/replay_active_frac") == [1.0, 1.0]
-    assert series("actor/r3/fallback_frac") == [0.0, 0.0]
-    assert series("actor/r3/router_disagree_replayed") == [0.0, 0.0]
+    assert series("r3/replay_active_frac") == [1.0, 1.0]
+    assert series("r3/fallback_frac") == [0.0, 0.0]
+    assert series("r3/router_disagree_replayed") == [0.0, 0.0]
     assert all(g > 0 for g in series("actor/grad_norm"))
     # SGLang started from the model's weights and got the trained ones at step 2.
     assert all(c > 0.9 for c in series("training/rollout_actor_probs_pearson_corr"))

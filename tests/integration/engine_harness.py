@@ -74,12 +74,13 @@ def engine(path, *, remove_padding=True, mode="disabled", mbs=1, max_tokens=64, 
 
 
 def rollout_batch(seqs, prompt_lens, pad_id, *, routed=None, remove_padding=True, mbs=1, max_tokens=64,
-                  dynamic=False):
+                  dynamic=False, rollout_log_probs=None):
     """A rollout-shaped batch as verl's agent loop and trainer build it.
 
     ``seqs[i]`` are the token ids of sample i (prompt then response); ``routed[i]`` its
     engine routing ``[n - 1, L, K]`` (or None: no routed_experts key), written into verl's
-    zero-filled ``[B, P + R, L, K]`` int16 layout, then ``left_right_2_no_padding``.
+    zero-filled ``[B, P + R, L, K]`` int16 layout, then ``left_right_2_no_padding``;
+    ``rollout_log_probs[i]`` (optional) the engine's log-probs of sample i's response tokens.
     """
     resp_lens = [len(s) - p for s, p in zip(seqs, prompt_lens)]
     B, P, R = len(seqs), max(prompt_lens), max(resp_lens)
@@ -101,6 +102,11 @@ def rollout_batch(seqs, prompt_lens, pad_id, *, routed=None, remove_padding=True
         for i, (rows, p) in enumerate(zip(routed, prompt_lens)):
             layout[i, P - p:P - p + rows.shape[0]] = rows.to(torch.int16)
         fields["routed_experts"] = layout
+    if rollout_log_probs is not None:
+        lp = torch.zeros(B, R)
+        for i, (row, r) in enumerate(zip(rollout_log_probs, resp_lens)):
+            lp[i, :r] = row
+        fields["rollout_log_probs"] = lp
     td = left_right_2_no_padding(TensorDict(fields, batch_size=[B]))
     tu.assign_non_tensor(td, temperature=1.0, use_remove_padding=remove_padding, use_dynamic_bsz=dynamic,
                          max_token_len_per_gpu=max_tokens, micro_batch_size_per_gpu=mbs, use_fused_kernels=False,

@@ -25,7 +25,9 @@ from verl.workers.utils.padding import no_padding_2_padding
 import engine_harness as H
 from verl_r3 import MISSING, RouterReplay
 from verl_r3.integration.fsdp_cpu import register_cpu_engines
+from verl_r3.core.metrics import logprob_mismatch
 from verl_r3.integration.fsdp_replay import register_replay_engines
+from verl_r3.integration.step_metrics import step_figures, take_stats
 
 P = json.loads(os.environ["CASE"])
 register_cpu_engines()
@@ -43,11 +45,14 @@ with torch.no_grad():
         if name.endswith("mlp.gate.weight"):
             p.add_(torch.randn(p.shape, generator=g) * 3 * p.std())
 rr_other = RouterReplay(other)
-rollout = []
-for ids in seqs:
+rollout, rollout_lp = [], []
+for ids, p in zip(seqs, prompt_lens):
     with torch.no_grad(), rr_other.record() as rec:
-        other(input_ids=ids[None])
+        logits = other(input_ids=ids[None]).logits[0]
     rollout.append(rec.routed_experts[0, :-1])  # engine convention: n - 1 rows
+    lp = torch.log_softmax(logits.float(), -1)[:-1].gather(-1, ids[1:, None]).squeeze(-1)[p - 1:]
+    # Rollout log-probs further off than the routing alone makes them, so that every F(tau) is exercised.
+    rollout_lp.append(lp + torch.randn(lp.shape, generator=g) * 1.5)
 
 rr = RouterReplay(hf)
 def hf_log_probs(ids, routed_rows=None):
@@ -62,7 +67,8 @@ def hf_log_probs(ids, routed_rows=None):
 
 def engine_log_probs(eng, routed):
     td = H.rollout_batch(seqs, prompt_lens, tok.pad_token_id, routed=routed, remove_padding=P["rmpad"],
-                         dynamic=P["dynamic"], max_tokens=12 if P["dynamic"] else 64)
+                         dynamic=P["dynamic"], max_tokens=12 if P["dynamic"] else 64,
+                         rollout_log_probs=rollout_lp if P.get("rollout_lp") else None)
     with eng.eval_mode():
         out = eng.infer_batch(td, loss_function=None)
     return td, out
@@ -71,16 +77,16 @@ def max_diff(lp, refs):
     return max((lp[i][:-1] - ref).abs().max().item() for i, ref in enumerate(refs))
 
 def r3_metrics(out):
-    """Mean over micro-batches of the r3/ figures the engine adds to verl's metrics."""
-    def value(v):
-        return v.aggregate() if hasattr(v, "aggregate") else sum(m.aggregate() for m in v) / len(v)
-    return {k: value(v) for k, v in out["metrics"].items() if k.startswith("r3/")}
+    """The r3/ figures the trainer logs, from the counts the engine adds to verl's metrics."""
+    stats = take_stats(out["metrics"])
+    assert not any(k.startswith("r3") for k in out["metrics"]), out["metrics"].keys()
+    return step_figures(stats.get("infer", {}), stats.get("update", {}))
 
 def expected_disagreement(replay):
-    """Per-sample fraction of (response token with routing, MoE layer) pairs where the trainer's
-    own routing differs from the rollout's, averaged over samples (one micro-batch each). Under
-    replay the trainer's own choice in a layer follows the replayed layers before it."""
-    fracs = []
+    """Share of (response token with routing, MoE layer) pairs, over all samples, where the
+    trainer's own routing differs from the rollout's. Under replay the trainer's own choice in
+    a layer follows the replayed layers before it."""
+    differ = pairs = 0
     for ids, p, rows in zip(seqs, prompt_lens, rollout):
         if replay:
             full = torch.cat([rows, torch.full_like(rows[:1], MISSING)])[None]
@@ -93,8 +99,16 @@ def expected_disagreement(replay):
             own = rec.routed_experts
         native = own[0, p:len(ids) - 1][:, sorted(rr.moe_layers)]
         theirs = rows[p:][:, sorted(rr.moe_layers)]
-        fracs.append((native.sort(-1).values != theirs.sort(-1).values).any(-1).float().mean().item())
-    return sum(fracs) / len(fracs)
+        differ += int((native.sort(-1).values != theirs.sort(-1).values).any(-1).sum())
+        pairs += native.shape[0] * native.shape[1]
+    return differ / pairs
+
+def expected_k3(replay):
+    """k3 KL of the rollout log-probs against the trainer's (replayed or native) over all response tokens."""
+    train = torch.cat([hf_log_probs(ids, r if replay else None)[p - 1:] for ids, r, p in
+                       zip(seqs, rollout, prompt_lens)])
+    rollout_all = torch.cat(rollout_lp)
+    return logprob_mismatch(rollout_all, train, torch.ones_like(train, dtype=torch.bool))
 
 result = {}
 if P["mode"] == "R3":
@@ -108,6 +122,7 @@ if P["mode"] == "R3":
     result["stats"] = dict(eng.router_replay_stats)
     result["metrics"] = r3_metrics(out)
     result["expected_disagree"] = expected_disagreement(replay=True)
+    result["expected_k3"] = expected_k3(replay=True)
     # One update under replay: parameters change, routers included.
     def loss_fn(model_output, data, dp_group=None):
         resp = no_padding_2_padding(model_output["log_probs"], data)
@@ -156,6 +171,7 @@ else:
     result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
     result["metrics"] = r3_metrics(out)
     result["expected_disagree"] = expected_disagreement(replay=False)
+    result["expected_k3"] = expected_k3(replay=False)
 print("RESULT " + json.dumps(result))
 '''
 
@@ -167,7 +183,7 @@ def _run(case: dict) -> dict:
 @pytest.mark.parametrize("rmpad,dynamic", [(True, False), (False, False), (True, True)],
                          ids=["remove-padding", "padded", "dynamic-bsz"])
 def test_r3_engine_log_probs_equal_router_replay_and_update_keeps_router_grads(rmpad, dynamic):
-    r = _run({"mode": "R3", "rmpad": rmpad, "dynamic": dynamic})
+    r = _run({"mode": "R3", "rmpad": rmpad, "dynamic": dynamic, "rollout_lp": True})
     assert r["engine"] == "FSDPReplayEngine"
     assert r["diff_replay"] < 1e-5, r
     assert r["diff_native"] > 1e-3, r  # the rollout routing really differs from the trainer's
@@ -179,11 +195,20 @@ def test_r3_engine_log_probs_equal_router_replay_and_update_keeps_router_grads(r
     assert r["routers_changed"]
     assert r["train_stats"]["replayed"] > 0 and r["train_stats"]["recomputed"] > 0  # checkpoint recompute replayed
     assert "enable_rollout_routing_replay" in r["missing_error"]
-    # What verl logs (actor/r3/...): every response token with rollout routing was replayed.
+    # What the trainer logs (r3/...): every response token with rollout routing was replayed.
     m = r["metrics"]
     assert m["r3/replay_active_frac"] == 1.0 and m["r3/fallback_frac"] == 0.0, m
     assert m["r3/router_disagree_replayed"] == 0.0, m
     assert m["r3/router_disagree"] == pytest.approx(r["expected_disagree"]) and m["r3/router_disagree"] > 0, r
+    # k3 KL and F(tau) of the rollout's log-probs against the replayed forward, over every response token.
+    assert m["r3/k3_kl"] == pytest.approx(r["expected_k3"]["k3_kl"], rel=1e-5) and m["r3/k3_kl"] > 0, r
+    assert 0 < m["r3/extreme_frac_5"] < m["r3/extreme_frac_1.5"] < 1, m
+    for tau in ("1.5", "2", "5", "10"):
+        assert m[f"r3/extreme_frac_{tau}"] == pytest.approx(r["expected_k3"][f"extreme_frac_{tau}"]), (tau, r)
+    layers = {k: v for k, v in m.items() if k.startswith("r3/router_disagree_layer/")}
+    assert sorted(layers) == ["r3/router_disagree_layer/00", "r3/router_disagree_layer/02"], m  # layer 1 is dense
+    assert m["r3/router_disagree"] == pytest.approx(sum(layers.values()) / 2)  # same pairs in each MoE layer
+    assert m["r3/routing_bytes_per_token"] == 2 * 2 * 3  # int16 rows of [3 layers, top-2] as verl carries them
 
 
 @pytest.mark.parametrize("rmpad", [True, False], ids=["remove-padding", "padded"])
@@ -194,17 +219,21 @@ def test_r2_engine_records_the_trainers_own_routing(rmpad):
 
 
 def test_disabled_mode_is_verls_engine_unchanged_and_measures_disagreement():
-    r = _run({"mode": "disabled", "rmpad": True, "dynamic": False})
-    assert r["rr_bound_without_routing"] is False and r["metrics_without_routing"] == {}
+    r = _run({"mode": "disabled", "rmpad": True, "dynamic": False, "rollout_lp": True})
+    # No routing in the batch: no observer is bound; the log-prob mismatch is measured all the same.
+    assert r["rr_bound_without_routing"] is False
+    assert set(r["metrics_without_routing"]) == {"r3/k3_kl", *(f"r3/extreme_frac_{t}" for t in ("1.5", "2", "5", "10"))}
+    assert r["metrics_without_routing"]["r3/k3_kl"] == pytest.approx(r["expected_k3"]["k3_kl"], rel=1e-4)
     assert r["diff_native"] < 1e-5  # native routing: nothing replayed
     m = r["metrics"]  # rollout routing in the batch: the disagreement is measured, not acted on
     assert m["r3/replay_active_frac"] == 0.0, m
     assert m["r3/router_disagree"] == pytest.approx(r["expected_disagree"]) and m["r3/router_disagree"] > 0, r
     assert m["r3/router_disagree_replayed"] == m["r3/router_disagree"]
+    assert m["r3/k3_kl"] == pytest.approx(r["expected_k3"]["k3_kl"], rel=1e-4) and m["r3/k3_kl"] > 0
 
 
 def test_reference_engine_never_replays_even_when_configured():
-    r = _run({"mode": "reference", "rmpad": True, "dynamic": False})
+    r = _run({"mode": "reference", "rmpad": True, "dynamic": False, "rollout_lp": True})
     assert r["rr_bound"] is False and r["metrics"] == {}
     # Its log-probs follow the trainer's own routing, not the rollout's.
     assert r["diff_native"] < 1e-5 and r["diff_replay"] > 1e-3, r

@@ -12,6 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from verl_r3 import keys
+from verl_r3.report import load_jsonl
 from verl_r3.quickstart import data, model, report, reward
 
 # ----------------------------------------------------------------------------------------- data
@@ -216,99 +218,82 @@ def test_warm_start_rejects_too_few_problems(tokenizer):
 
 
 # --------------------------------------------------------------------------------------- report
+# The report itself is verl_r3.report (tests/test_report.py); here: the quickstart's run directory.
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def _steps(values: dict[str, list[float]]) -> list[dict]:
+def _write_variant(run_dir: Path, variant: str, values: dict[str, list[float]], meta: dict | None = None) -> None:
     n = len(next(iter(values.values())))
-    return [{"step": s + 1, "data": {k: v[s] for k, v in values.items()}} for s in range(n)]
+    # verl logs pre-training validation at step 0 on its own line.
+    records = [{"step": 0, "data": {"val-core/acc": 0.1}}]
+    records += [{"step": s + 1, "data": {k: v[s] for k, v in values.items()}} for s in range(n)]
+    (run_dir / f"{variant}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if meta is not None:
+        (run_dir / f"{variant}.meta.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture()
 def run_dir(tmp_path):
     full = {
-        report.REWARD_KEY: [0.2, 0.5, 0.4],
-        report.K3_KL_KEY: [0.01, 0.02, 0.03],
-        report.EXTREME_FRAC_2_KEY: [0.1, 0.0, 0.2],
-        report.ROUTER_DISAGREE_KEY: [0.3, 0.3, 0.6],
-        report.ROUTER_DISAGREE_REPLAYED_KEY: [0.0, 0.0, 0.0],
-        report.STEP_TIME_KEY: [9.0, 2.0, 4.0],
+        keys.REWARD: [0.2, 0.5, 0.4],
+        keys.K3_KL: [0.01, 0.02, 0.03],
+        keys.EXTREME_FRAC_2: [0.1, 0.0, 0.2],
+        keys.ROUTER_DISAGREE: [0.3, 0.3, 0.6],
+        keys.ROUTER_DISAGREE_REPLAYED: [0.0, 0.0, 0.0],
+        keys.REPLAY_ACTIVE_FRAC: [1.0, 1.0, 1.0],
+        keys.METRICS_TIME_FRAC: [0.01, 0.02, 0.03],
+        keys.STEP_TIME: [9.0, 2.0, 4.0],
         "actor/pg_loss": [1.0, 2.0, 3.0],
     }
-    # verl logs pre-training validation at step 0 on its own line.
-    _write_jsonl(tmp_path / "grpo_r3.jsonl", [{"step": 0, "data": {"val-core/acc": 0.1}}] + _steps(full))
-    plain = {k: v for k, v in full.items() if "/r3/router" not in k and k != report.STEP_TIME_KEY}
-    _write_jsonl(tmp_path / "grpo.jsonl", _steps(plain))
-    (tmp_path / "grpo.meta.json").write_text(json.dumps({"seconds_per_step": 1.5, "steps": 3}))
+    _write_variant(tmp_path, "grpo_r3", full, {"variant": "grpo_r3", "group": "qs", "steps": 3, "wall_s": 60.0})
+    plain = {k: v for k, v in full.items() if not k.startswith(keys.ROUTER_DISAGREE) and k != keys.STEP_TIME}
+    _write_variant(tmp_path, "grpo", plain, {"variant": "grpo", "group": "qs", "seconds_per_step": 1.5, "steps": 3})
     return tmp_path
 
 
-def test_summarize_exact_figures(run_dir):
+def test_quickstart_summary_is_keyed_by_variant_with_exact_figures(run_dir):
     summary = report.summarize(run_dir)
     assert list(summary) == ["grpo", "grpo_r3"]
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     r3 = summary["grpo_r3"]
-    assert r3["steps"] == 3
+    assert (r3["group"], r3["variant"], r3["steps"]) == ("qs", "grpo_r3", 3)
     assert r3["final_reward"] == 0.4 and r3["best_reward"] == 0.5
     assert r3["first_k3_kl"] == 0.01 and r3["mean_k3_kl"] == pytest.approx(0.02)
-    assert r3["mean_extreme_frac_2"] == pytest.approx(0.1)
-    assert r3["mean_router_disagree"] == pytest.approx(0.4)
-    assert r3["mean_router_disagree_replayed"] == 0.0
+    assert r3["mean_router_disagree"] == pytest.approx(0.4) and r3["mean_router_disagree_replayed"] == 0.0
     assert r3["seconds_per_step"] == statistics.median([2.0, 4.0])  # the first step is left out
-    assert set(r3) == set(report.SUMMARY_FIELDS)
-
-
-def test_missing_metric_is_null_na_and_noted(run_dir):
-    summary = report.summarize(run_dir)
     grpo = summary["grpo"]
     assert grpo["mean_router_disagree"] is None and grpo["mean_router_disagree_replayed"] is None
     assert grpo["seconds_per_step"] == 1.5  # from grpo.meta.json
-    assert json.loads((run_dir / "summary.json").read_text())["grpo"]["mean_router_disagree"] is None
-    text = (run_dir / "report.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| grpo |"))
-    assert row.count("n/a") == 2
-    assert "`actor/r3/router_disagree` missing from `grpo.jsonl`" in text
-    assert "`actor/r3/router_disagree_replayed` missing from `grpo.jsonl`" in text
-    assert "grpo_r3.jsonl` " not in text.split("## Notes")[1]  # nothing missing for grpo_r3
-    for word in ("k3 KL", "F(2)", "beyond 2 either way", "top-k expert set", "actually used"):
-        assert word in text
-
-
-def test_curves_png_is_a_png(run_dir):
-    import matplotlib.pyplot as plt
-
-    report.summarize(run_dir)
     png = run_dir / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    height, width, _ = plt.imread(png).shape
-    assert width > 500 and height > 400
 
 
-def test_report_errors_name_the_cause(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no <variant>.jsonl"):
-        report.summarize(tmp_path)
-    _write_jsonl(tmp_path / "ppo.jsonl", [{"step": 1, "data": {}}])
-    with pytest.raises(ValueError, match=r"unknown variant file\(s\) ppo.jsonl"):
-        report.summarize(tmp_path)
-    (tmp_path / "ppo.jsonl").unlink()
-    (tmp_path / "gspo.jsonl").write_text('{"step": 1, "data": {}}\n{"step": 2, "data": \n')
-    with pytest.raises(ValueError, match=r"gspo.jsonl:2: not a JSON line"):
-        report.summarize(tmp_path)
-    (tmp_path / "gspo.jsonl").write_text('{"step": "one", "data": {}}\n')
-    with pytest.raises(ValueError, match=r"gspo.jsonl:1: expected a FileLogger record"):
-        report.summarize(tmp_path)
+def test_quickstart_report_md_has_its_title_legend_and_notes(run_dir):
+    report.summarize(run_dir)
+    text = (run_dir / "report.md").read_text()
+    assert text.startswith("# Quickstart report\n")
+    row = next(line for line in text.splitlines() if line.startswith("| grpo |"))
+    assert row.count("n/a") == 2
+    assert "| grpo_r3 | qs | grpo_r3 | 3 | 0.4 | 0.5 | 0.01 | 0.02 | 0.1 | 0.4 | 0 | 1 | 3 | 0.02 |" in text
+    assert f"`{keys.ROUTER_DISAGREE}` not logged by run `grpo`" in text
+    assert f"`{keys.ROUTER_DISAGREE_REPLAYED}` not logged by run `grpo`" in text
+    assert "With `ROLLOUT_ENGINE=hf` (requests seeded by prompt) they score the same rollouts at step 1" in text
+    assert text.count("**k3 KL, step 1**") == 1  # the quickstart's legend replaces the general one
 
 
-def test_main_writes_files_and_prints_table(run_dir, capsys):
-    assert report.main([str(run_dir)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("| variant | steps | final reward")
-    assert "| grpo_r3 | 3 | 0.4 | 0.5 | 0.01 | 0.02 | 0.1 | 0.4 | 0 | 3 |" in out
-    assert "missing from `grpo.jsonl`" in out
-    for name in ("summary.json", "report.md", "curves.png"):
-        assert (run_dir / name).exists()
-    assert report.main([str(run_dir / "nope")]) == 1
-    assert "does not exist" in capsys.readouterr().err
+def test_quickstart_wandb_runs_of_the_same_variants_are_not_counted_twice(run_dir, monkeypatch):
+    # The runner logs every variant to <variant>.jsonl and to a W&B run under wandb/ (WANDB_DIR).
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    steps = load_jsonl(run_dir / "grpo_r3.jsonl")
+    run = wandb.init(project="verl_r3_quickstart", name="qs-grpo_r3", group="qs", job_type="grpo_r3",
+                     dir=str(run_dir / "wandb"), mode="offline",
+                     settings=wandb.Settings(console="off", x_disable_stats=True, x_save_requirements=False))
+    for step, data in sorted(steps.items()):
+        run.log(data, step=step)
+    run.finish()
+    assert list((run_dir / "wandb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    summary = report.summarize(run_dir)
+    assert list(summary) == ["grpo", "grpo_r3"]
+    assert summary["grpo_r3"]["source"] == str(run_dir / "grpo_r3.jsonl")
+    text = (run_dir / "report.md").read_text()
+    assert "1 run(s) found both as a .jsonl file and as a W&B run" in text and "`grpo_r3.jsonl` = `offline-run-" in text

@@ -67,6 +67,15 @@ row is all ``-1``) and the token is selected by ``token_mask`` (if given).
 
 If nothing is counted the fractions and ``layers_per_token`` are 0.0, ``pairs``
 is 0.0 and ``per_layer`` is all nan (no error: e.g. a dense-only model).
+
+Additive statistics (``mismatch_sums``, ``routing_sums``)
+----------------------------------------------------------
+Both families of figures are ratios of counts. ``mismatch_sums`` and
+``routing_sums`` return those counts for one batch; counts of several batches
+(micro-batches, data-parallel ranks) add up, and ``mismatch_from_sums`` /
+``routing_from_sums`` turn the totals into the figures above, exactly as if
+they had been computed on the whole step at once. ``logprob_mismatch`` and
+``router_disagreement`` are these two steps on one batch.
 """
 
 from __future__ import annotations
@@ -80,8 +89,12 @@ __all__ = [
     "DEFAULT_TAUS",
     "expert_sets_differ",
     "logprob_mismatch",
+    "mismatch_sums",
+    "mismatch_from_sums",
     "extreme_frac_curve",
     "router_disagreement",
+    "routing_sums",
+    "routing_from_sums",
 ]
 
 DEFAULT_TAUS = (1.5, 2.0, 5.0, 10.0)
@@ -111,6 +124,7 @@ def _masked_log_ratio(
     rollout_log_probs: torch.Tensor,
     train_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
+    allow_empty: bool = False,
 ) -> torch.Tensor:
     """Validate inputs and return ``log r = train - rollout`` at masked tokens.
 
@@ -136,7 +150,7 @@ def _masked_log_ratio(
             f"{tuple(rollout_log_probs.shape)}"
         )
     mask = _as_bool_mask(response_mask, "response_mask")
-    if not bool(mask.any()):
+    if not allow_empty and not bool(mask.any()):
         raise ValueError("response_mask selects no token: cannot compute mismatch metrics")
 
     finite = torch.isfinite(rollout_log_probs) & torch.isfinite(train_log_probs)
@@ -164,16 +178,19 @@ def _log_taus(taus: Union[torch.Tensor, Sequence[float]], device: torch.device) 
     return taus_U.log().to(device)
 
 
-def _extreme_fracs(abs_log_ratio_N: torch.Tensor, log_taus_U: torch.Tensor) -> torch.Tensor:
-    """F(tau) = fraction of entries with ``|log r| > log tau``, float64 ``[U]``.
+def _extreme_counts(abs_log_ratio_N: torch.Tensor, log_taus_U: torch.Tensor) -> torch.Tensor:
+    """Number of entries with ``|log r| > log tau`` per tau, int64 ``[U]``.
 
     Uses one sort plus a binary search, so memory stays O(N + U).
     """
     sorted_N = abs_log_ratio_N.sort().values
-    n = sorted_N.numel()
     # count of entries <= log tau; the rest are strictly greater.
-    at_most_U = torch.searchsorted(sorted_N, log_taus_U, right=True)
-    return (n - at_most_U).to(torch.float64) / n
+    return sorted_N.numel() - torch.searchsorted(sorted_N, log_taus_U, right=True)
+
+
+def _extreme_fracs(abs_log_ratio_N: torch.Tensor, log_taus_U: torch.Tensor) -> torch.Tensor:
+    """F(tau) = fraction of entries with ``|log r| > log tau``, float64 ``[U]`` (0 when empty)."""
+    return _extreme_counts(abs_log_ratio_N, log_taus_U).to(torch.float64) / max(abs_log_ratio_N.numel(), 1)
 
 
 # --------------------------------------------------------------------------
@@ -205,17 +222,44 @@ def logprob_mismatch(
         ValueError: shape mismatch, non-float log-probs, invalid mask, empty
             mask, non-finite log-prob at a masked position, or a tau <= 1.
     """
-    taus = [float(t) for t in taus]
-    log_ratio_N = _masked_log_ratio(rollout_log_probs, train_log_probs, response_mask)
-    log_taus_U = _log_taus(taus, log_ratio_N.device)
+    _masked_log_ratio(rollout_log_probs, train_log_probs, response_mask)  # refuses an empty mask
+    return mismatch_from_sums(mismatch_sums(rollout_log_probs, train_log_probs, response_mask, taus))
 
+
+def mismatch_sums(
+    rollout_log_probs: torch.Tensor,
+    train_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    taus: Iterable[float] = DEFAULT_TAUS,
+) -> dict:
+    """The counts behind :func:`logprob_mismatch`, additive over batches.
+
+    Same inputs and validation as :func:`logprob_mismatch`, except that an
+    empty mask is allowed (all counts 0). Returns ``{"k3_sum": float,
+    "tokens": float, "extreme_count_{tau:g}": float (one per tau)}``.
+    """
+    taus = [float(t) for t in taus]
+    log_ratio_N = _masked_log_ratio(rollout_log_probs, train_log_probs, response_mask, allow_empty=True)
+    log_taus_U = _log_taus(taus, log_ratio_N.device)
+    n = log_ratio_N.numel()
     # r - 1 - log r with r = exp(log r); expm1 keeps precision for small |log r|.
-    k3_N = torch.expm1(log_ratio_N) - log_ratio_N
-    out = {"k3_kl": float(k3_N.mean())}
-    fracs_U = _extreme_fracs(log_ratio_N.abs(), log_taus_U).tolist()
-    for tau, frac in zip(taus, fracs_U):
-        out[f"extreme_frac_{tau:g}"] = float(frac)
-    out["tokens"] = float(log_ratio_N.numel())
+    out = {"k3_sum": float((torch.expm1(log_ratio_N) - log_ratio_N).sum()), "tokens": float(n)}
+    counts_U = _extreme_counts(log_ratio_N.abs(), log_taus_U).tolist()
+    for tau, count in zip(taus, counts_U):
+        out[f"extreme_count_{tau:g}"] = float(count)
+    return out
+
+
+def mismatch_from_sums(sums: dict) -> dict:
+    """:func:`logprob_mismatch`'s figures from (summed) :func:`mismatch_sums` counts.
+
+    With no token counted the fractions and k3 are nan: there is nothing to measure."""
+    n = float(sums["tokens"])
+    out = {"k3_kl": sums["k3_sum"] / n if n else math.nan}
+    for key, value in sums.items():
+        if key.startswith("extreme_count_"):
+            out["extreme_frac_" + key[len("extreme_count_"):]] = value / n if n else math.nan
+    out["tokens"] = n
     return out
 
 
@@ -249,6 +293,20 @@ def expert_sets_differ(routed_a: torch.Tensor, routed_b: torch.Tensor) -> torch.
     return (routed_a.sort(dim=-1).values != routed_b.sort(dim=-1).values).any(dim=-1)
 
 
+def _check_routing(name: str, t, shape=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _SIGNED_INT_DTYPES:
+        raise ValueError(
+            f"{name} must be a signed integer tensor (int8/int16/int32/int64; "
+            f"-1 marks no routing), got dtype {t.dtype}"
+        )
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have rank >= 2 ([..., L, K]), got shape {tuple(t.shape)}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have the shape of routed_a {tuple(shape)}, got {tuple(t.shape)}")
+
+
 def router_disagreement(
     routed_a: torch.Tensor,
     routed_b: torch.Tensor,
@@ -272,23 +330,41 @@ def router_disagreement(
         ValueError: shape mismatch, non-(signed-)integer dtype, rank < 2, or a
             token_mask of the wrong shape.
     """
-    for name, t in (("routed_a", routed_a), ("routed_b", routed_b)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _SIGNED_INT_DTYPES:
-            raise ValueError(
-                f"{name} must be a signed integer tensor (int8/int16/int32/int64; "
-                f"-1 marks no routing), got dtype {t.dtype}"
-            )
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have rank >= 2 ([..., L, K]), got shape {tuple(t.shape)}")
+    figures = routing_from_sums(routing_sums(routed_a, routed_b, token_mask))
+    return {key: figures[key] for key in ("router", "token", "layers_per_token", "pairs", "per_layer")}
+
+
+def routing_sums(
+    routed_a: torch.Tensor,
+    routed_b: torch.Tensor,
+    token_mask: Optional[torch.Tensor] = None,
+    used: Optional[torch.Tensor] = None,
+) -> dict:
+    """The counts behind :func:`router_disagreement`, additive over batches.
+
+    ``routed_a`` is the reference routing (e.g. the rollout's), ``routed_b`` the one
+    compared with it (e.g. the trainer's own top-k); ``used``, optional and shaped
+    like them, the experts a forward actually used (e.g. under replay), compared
+    with ``routed_a`` over the same pairs. Same validation as
+    :func:`router_disagreement`.
+
+    Returns ``{"pairs_L", "differ_L"[, "differ_used_L"]}`` (float64 tensors
+    ``[L]``: counted pairs, and those whose sets differ, per layer) and the floats
+    ``tokens`` (tokens with a counted pair), ``tokens_differ`` (tokens with a
+    differing counted pair) and ``missing`` (selected (token, layer) pairs where
+    ``routed_b`` has routing and ``routed_a`` has none).
+    """
+    _check_routing("routed_a", routed_a)
+    _check_routing("routed_b", routed_b)
     if routed_a.shape != routed_b.shape:
         raise ValueError(
             "routed_a and routed_b must have the same shape, got "
             f"routed_a {tuple(routed_a.shape)} and routed_b {tuple(routed_b.shape)}"
         )
+    if used is not None:
+        _check_routing("used", used, routed_a.shape)
     token_shape = routed_a.shape[:-2]
-    num_layers = routed_a.shape[-2]
+    num_layers, k = routed_a.shape[-2], routed_a.shape[-1]
 
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
@@ -302,30 +378,47 @@ def router_disagreement(
 
     # explicit N (not -1) so that empty tensors, L == 0 or K == 0 still reshape.
     num_tokens = math.prod(token_shape)
-    a_NLK = routed_a.reshape(num_tokens, num_layers, routed_a.shape[-1])
-    b_NLK = routed_b.reshape(num_tokens, num_layers, routed_b.shape[-1])
+    a_NLK = routed_a.reshape(num_tokens, num_layers, k)
+    b_NLK = routed_b.reshape(num_tokens, num_layers, k)
 
-    counted_NL = ~(a_NLK == -1).all(dim=-1) & ~(b_NLK == -1).all(dim=-1)
-    if token_mask is not None:
-        counted_NL = counted_NL & token_mask.reshape(-1, 1)
-
+    have_a_NL = ~(a_NLK == -1).all(dim=-1)
+    have_b_NL = ~(b_NLK == -1).all(dim=-1)
+    selected_NL = have_b_NL if token_mask is None else have_b_NL & token_mask.reshape(-1, 1).to(have_b_NL.device)
+    counted_NL = selected_NL & have_a_NL
     differ_NL = expert_sets_differ(a_NLK, b_NLK) & counted_NL
 
-    counted_L = counted_NL.sum(dim=0).to(torch.float64)
-    differ_L = differ_NL.sum(dim=0).to(torch.float64)
-    per_layer_L = torch.where(
-        counted_L > 0, differ_L / counted_L.clamp(min=1), torch.full_like(counted_L, math.nan)
-    )
+    out = {
+        "pairs_L": counted_NL.sum(dim=0).to(torch.float64),
+        "differ_L": differ_NL.sum(dim=0).to(torch.float64),
+        "tokens": float(counted_NL.any(dim=-1).sum()),
+        "tokens_differ": float(differ_NL.any(dim=-1).sum()),
+        "missing": float((selected_NL & ~have_a_NL).sum()),
+    }
+    if used is not None:
+        used_NLK = used.reshape(num_tokens, num_layers, k)
+        out["differ_used_L"] = (expert_sets_differ(a_NLK, used_NLK) & counted_NL).sum(dim=0).to(torch.float64)
+    return out
 
-    pairs = float(counted_L.sum())
-    differing_pairs = float(differ_L.sum())
-    tokens_counted = int(counted_NL.any(dim=-1).sum())
-    tokens_differing = int(differ_NL.any(dim=-1).sum())
 
-    return {
-        "router": differing_pairs / pairs if pairs > 0 else 0.0,
-        "token": tokens_differing / tokens_counted if tokens_counted > 0 else 0.0,
-        "layers_per_token": differing_pairs / tokens_differing if tokens_differing > 0 else 0.0,
+def routing_from_sums(sums: dict) -> dict:
+    """:func:`router_disagreement`'s figures from (summed) :func:`routing_sums` counts, plus
+    ``router_used`` (the ``router`` share for ``used``, when counted) and ``missing_frac``
+    (missing pairs over counted plus missing ones; 0.0 when there are none)."""
+    pairs_L = torch.as_tensor(sums["pairs_L"], dtype=torch.float64)
+    differ_L = torch.as_tensor(sums["differ_L"], dtype=torch.float64)
+    per_layer_L = torch.where(pairs_L > 0, differ_L / pairs_L.clamp(min=1), torch.full_like(pairs_L, math.nan))
+    pairs = float(pairs_L.sum())
+    differing = float(differ_L.sum())
+    tokens, tokens_differ, missing = float(sums["tokens"]), float(sums["tokens_differ"]), float(sums["missing"])
+    out = {
+        "router": differing / pairs if pairs > 0 else 0.0,
+        "token": tokens_differ / tokens if tokens > 0 else 0.0,
+        "layers_per_token": differing / tokens_differ if tokens_differ > 0 else 0.0,
         "pairs": pairs,
         "per_layer": [float(x) for x in per_layer_L.tolist()],
+        "missing_frac": missing / (pairs + missing) if pairs + missing > 0 else 0.0,
     }
+    if "differ_used_L" in sums:
+        used = float(torch.as_tensor(sums["differ_used_L"], dtype=torch.float64).sum())
+        out["router_used"] = used / pairs if pairs > 0 else 0.0
+    return out

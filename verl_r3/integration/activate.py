@@ -17,7 +17,9 @@ process it starts (driver, task runner, Ray workers). Importing this one:
 - on the CPU platform with ``VERL_R3_SGLANG_CPU=1``, makes verl's SGLang rollout run on SGLang's
   CPU device (``verl_r3.engines.sglang_engine.prepare_verl_rollout_on_cpu``);
 - keeps each turn's routing in verl's multi-turn tool agent loop
-  (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's.
+  (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's;
+- logs the ``r3/`` metrics of every step (``verl_r3.integration.step_metrics``): the FSDP
+  engine counts, verl's v1 trainer (patched when it is imported) totals and logs.
 """
 
 import logging
@@ -27,6 +29,7 @@ from verl_r3.engines.sglang_engine import CPU_FLAG as SGLANG_CPU_FLAG
 from verl_r3.integration import cpu_platform
 from verl_r3.integration.fsdp_cpu import register_cpu_engines
 from verl_r3.integration.fsdp_replay import register_replay_engines
+from verl_r3.integration import step_metrics
 from verl_r3.integration.hf_rollout import register_hf_rollout
 from verl_r3.integration.vllm_cpu import KV_CACHE_ENV, install_version_alias
 from verl_r3.patches import verl_tool_agent_loop_0_9
@@ -44,3 +47,4 @@ if cpu_platform.is_selected():
 register_replay_engines()
 register_hf_rollout()
 verl_tool_agent_loop_0_9.apply()
+step_metrics.install()

@@ -3,8 +3,10 @@
 verl 0.9.x replays routing only in its Megatron and VeOmni engines. ``FSDPReplayEngine``
 is verl's own ``FSDPEngineWithLMHead`` with ``verl_r3.RouterReplay`` bound to the model;
 with ``router_replay.mode`` (verl's own key on every engine config, e.g.
-``actor_rollout_ref.actor.fsdp_config.router_replay.mode``) at ``disabled`` it is verl's
-engine unchanged.
+``actor_rollout_ref.actor.fsdp_config.router_replay.mode``) at ``disabled`` it computes what
+verl's engine computes, and only measures: the rollout-vs-trainer mismatch of every
+micro-batch is counted for the step's ``r3/`` metrics (``verl_r3.integration.step_metrics``),
+in every mode, from the forward it runs anyway.
 
 Phases, decided per ``forward_backward_batch`` call
     R3, forward-only (old log-probs) and training (update): replay the batch's
@@ -30,12 +32,14 @@ Backward and checkpointing
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Mapping
 
 import torch
 
 from verl_r3.core.record import MISSING
 from verl_r3.core.replay import RouterReplay
+from verl_r3.integration import step_metrics
 
 __all__ = [
     "RouterReplayEngineMixin",
@@ -43,7 +47,6 @@ __all__ = [
     "register_replay_engines",
     "replay_engine_class",
     "router_replay_mode",
-    "routing_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,7 +213,11 @@ class RouterReplayEngineMixin:
         self._close_block()  # the previous micro-batch's backward has run by now
         phase = self._rr_phase
         if phase is None:
-            return super().forward_step(micro_batch, loss_function, forward_only)
+            loss, output = super().forward_step(micro_batch, loss_function, forward_only)
+            if not self._rr_reference:
+                started = time.perf_counter()
+                self._add_stats(output, forward_only, self._logprob_stats(micro_batch, output), started)
+            return loss, output
         from verl.utils import tensordict_utils as tu
 
         if getattr(self, "use_ulysses_sp", False):
@@ -228,6 +235,8 @@ class RouterReplayEngineMixin:
             self._rr_block = self._rr.record()
         handle = self._rr_block.__enter__()
         loss, output = super().forward_step(micro_batch, loss_function, forward_only)
+        started = time.perf_counter()
+        stats = self._logprob_stats(micro_batch, output)
         if phase == "record":
             output.setdefault("model_output", {})["routed_experts"] = _per_sample(
                 handle.routed_experts, micro_batch["input_ids"], remove_padding=remove_padding
@@ -237,11 +246,27 @@ class RouterReplayEngineMixin:
             used = handle.used_experts if phase == "replay" else native
             mask = _layout_like_input(_response_rows(micro_batch), micro_batch["input_ids"].offsets(),
                                       remove_padding=remove_padding, pad_size=pad_size, fill=0)
-            figures = routing_metrics(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
-                                      replayed=phase == "replay")
-            figures.update(_logprob_figures(micro_batch))
-            _add_metrics(output, figures)
+            stats.update(step_metrics.routing_stats(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
+                                                    replayed=phase == "replay"))
+            carried = micro_batch["routed_experts"]
+            stats["routing_bytes"] = float(carried.values().numel() * carried.values().element_size())
+            stats["routing_tokens"] = float(carried.offsets()[-1])
+        self._add_stats(output, forward_only, stats, started)
         return loss, output
+
+    @staticmethod
+    def _logprob_stats(micro_batch, output) -> dict:
+        log_probs = output.get("model_output", {}).get("log_probs")
+        return {} if log_probs is None else step_metrics.logprob_stats(micro_batch, log_probs)
+
+    def _add_stats(self, output, forward_only: bool, stats: dict, started: float) -> None:
+        """Counts for the step's ``r3/`` metrics (``verl_r3.integration.step_metrics``); nothing when
+        there is nothing to count (no rollout log-probs and no routing)."""
+        if not stats:
+            return
+        step_metrics.add_stats(output, phase="infer" if forward_only else "update", stats=stats,
+                               seconds=time.perf_counter() - started, dp_rank=self.get_data_parallel_rank(),
+                               dp_size=self.get_data_parallel_size())
 
 
 def _response_rows(micro_batch) -> torch.Tensor:
@@ -263,58 +288,6 @@ def _response_rows(micro_batch) -> torch.Tensor:
     values = torch.cat(rows)
     values[_last_rows(ids.offsets())] = 0
     return values
-
-
-def routing_metrics(routed, native, used, token_mask, moe_layers, *, replayed: bool) -> dict:
-    """Routing figures of one micro-batch over (response token, MoE layer) pairs.
-
-    ``routed`` is the rollout's routing, ``native`` the trainer's own top-k, ``used`` what the
-    experts received (``native`` when nothing is replayed), all ``[B, T, L, K]``;
-    ``token_mask`` ``[B, T]`` selects the response tokens that have rollout routing.
-
-    router_disagree: pairs with rollout routing where the trainer's own expert set differs.
-    router_disagree_replayed: the same for the experts actually used (0 when replay is active).
-    replay_active_frac / fallback_frac: pairs replayed / pairs without rollout routing.
-    """
-    from verl_r3.core.metrics import expert_sets_differ
-
-    layers = sorted(moe_layers)
-    r = routed[:, :, layers]
-    have = (r != MISSING).all(-1) & token_mask.bool().unsqueeze(-1)  # [B, T, Lm]
-    total = int(token_mask.bool().sum()) * len(layers)
-    n = int(have.sum())
-    out = {"fallback_frac": 1.0 - n / total if total else 0.0,
-           "replay_active_frac": n / total if (total and replayed) else 0.0}
-    if n:
-        out["router_disagree"] = float(expert_sets_differ(native[:, :, layers], r)[have].float().mean())
-        out["router_disagree_replayed"] = float(expert_sets_differ(used[:, :, layers], r)[have].float().mean())
-    return out
-
-
-def _logprob_figures(micro_batch) -> dict:
-    """k3 KL and F(tau) between rollout and old (trainer) log-probs, when the batch has both (update phase)."""
-    keys = micro_batch.keys()
-    if not {"rollout_log_probs", "old_log_probs", "response_mask"} <= set(keys):
-        return {}
-    from verl_r3.core.metrics import logprob_mismatch
-
-    rollout, old, mask = micro_batch["rollout_log_probs"], micro_batch["old_log_probs"], micro_batch["response_mask"]
-    if rollout.is_nested:
-        rollout, old, mask = rollout.values(), old.values(), mask.values()
-    mask = mask.bool()
-    if not bool(mask.any()):
-        return {}
-    return logprob_mismatch(rollout.float(), old.float(), mask)
-
-
-def _add_metrics(output: dict, figures: dict) -> None:
-    from verl.utils.metric import Metric
-
-    metrics = output.setdefault("metrics", {})
-    for key, value in figures.items():
-        if key == "tokens":
-            continue
-        metrics[f"r3/{key}"] = Metric(value=float(value), aggregation="mean")
 
 
 def _per_sample(routed_BTLK: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool) -> torch.Tensor:
@@ -348,8 +321,8 @@ def register_replay_engines(devices=(("cuda", "nvidia"), ("cpu", "cpu"))) -> Non
     """Make verl pick ``FSDPReplayEngine`` for ``language_model`` on fsdp/fsdp2. Idempotent.
 
     Registered under (device, vendor) keys, which verl's ``EngineRegistry`` prefers to the
-    device-only keys its own engine holds; with ``router_replay.mode=disabled`` the engine is
-    verl's unchanged.
+    device-only keys its own engine holds; with ``router_replay.mode=disabled`` the engine
+    computes what verl's does (and counts the step's ``r3/`` metrics).
     """
     from verl.workers.engine.base import EngineRegistry
 

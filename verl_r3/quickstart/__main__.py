@@ -8,8 +8,9 @@ module. Steps:
 2. run ``python -m verl.trainer.main_ppo`` once per variant on the same seeds
    (``verl_r3.quickstart.runner``), each logging to W&B (offline unless logged in) and to
    ``<variant>.jsonl``;
-3. write ``summary.json``, ``report.md`` and ``curves.png`` (``verl_r3.quickstart.report``)
-   into ``runs/quickstart/<timestamp>/`` and point ``runs/quickstart/latest`` at it.
+3. write ``summary.json``, ``report.md`` and ``curves.png`` (``verl-r3 report`` over the run
+   directory, ``verl_r3.quickstart.report``) into ``runs/quickstart/<timestamp>/``, which
+   ``runs/quickstart/latest`` points at.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
         print(f"== {variant}: main_ppo, {args.steps} steps ...", flush=True)
         result = run_variant(variant, spec, timeout_s=args.timeout)
         with open(os.path.join(run_dir, f"{variant}.meta.json"), "w") as f:
-            json.dump({"steps": len(result["metrics"]), "wall_s": result["seconds"]}, f)
+            json.dump({"variant": variant, "group": spec.group, "project": spec.project,
+                       "steps": len(result["metrics"]), "wall_s": result["seconds"]}, f)
         print(f"   done in {time.time() - t0:.0f}s (log {result['log']})", flush=True)
     summary = report.summarize(run_dir)
     print(open(os.path.join(run_dir, "report.md")).read())
