@@ -20,7 +20,7 @@ WARM_START_STEPS=${WARM_START_STEPS:-}                     # empty: the model bu
 LR=${LR:-2e-4}                                             # actor learning rate
 SEED=${SEED:-0}
 OUT=${OUT:-runs/quickstart}
-export WANDB_MODE=${WANDB_MODE:-offline}                   # `wandb login` + WANDB_MODE=online to upload
+# W&B: offline unless you are logged in (`wandb login`); an explicit WANDB_MODE wins.
 
 if [ "$ROLLOUT_ENGINE" = sglang ]; then
     # SGLang pins its own torch: it runs in its own environment (built on first use, cached
@@ -31,7 +31,7 @@ fi
 
 echo "quickstart: STEPS=$STEPS VARIANTS=$VARIANTS ROLLOUT_ENGINE=$ROLLOUT_ENGINE ROLLOUT_DTYPE=$ROLLOUT_DTYPE"
 echo "            PROMPTS=$PROMPTS SAMPLES=$SAMPLES HIDDEN=$HIDDEN LAYERS=$LAYERS EXPERTS=$EXPERTS TOP_K=$TOP_K"
-echo "            WARM_START_STEPS=${WARM_START_STEPS:-default} LR=$LR SEED=$SEED OUT=$OUT WANDB_MODE=$WANDB_MODE"
+echo "            WARM_START_STEPS=${WARM_START_STEPS:-default} LR=$LR SEED=$SEED OUT=$OUT WANDB_MODE=${WANDB_MODE:-auto}"
 
 exec "$PYTHON" -m verl_r3.quickstart --out "$OUT" --variants "$VARIANTS" --steps "$STEPS" \
     --prompts "$PROMPTS" --samples "$SAMPLES" --engine "$ROLLOUT_ENGINE" --rollout-dtype "$ROLLOUT_DTYPE" \

@@ -138,6 +138,7 @@ class Run:
     group: str | None = None
     variant: str | None = None
     project: str | None = None
+    tags: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
     label: str = ""  # the run's key in summary.json (``name`` unless two runs share it)
 
@@ -262,7 +263,9 @@ def load_wandb_run(path: str | Path) -> tuple[Run, list[str]]:
     variant = info.get("job_type")
     if variant is None and group and name.startswith(f"{group}-"):
         variant = name[len(group) + 1:]  # verl_r3's runs are named <group>-<variant>
-    return Run(name, steps, str(path), "wandb", group=group, variant=variant, project=info.get("project")), notes
+    tags = tuple(str(t) for t in info.get("tags") or ())
+    return Run(name, steps, str(path), "wandb", group=group, variant=variant, project=info.get("project"),
+               tags=tags), notes
 
 
 def _wandb_files(directory: Path) -> list[Path]:

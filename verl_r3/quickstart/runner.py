@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from verl_r3 import wandb_naming
+
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "RunSpec", "cpu_overrides", "merge_overrides", "variant_overrides", "run_env", "run_variant"]
 
 # Paper settings (docs): clip-higher 0.2/0.27 for GRPO; GSPO clips 3e-4/4e-4 on the sequence
@@ -143,8 +145,7 @@ def variant_overrides(variant: str, spec: RunSpec) -> list[str]:
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
         "trainer.logger=[console,file,wandb]",
-        f"trainer.project_name={spec.project}",
-        f"trainer.experiment_name={spec.group}-{variant}",
+        *wandb_naming.hydra_overrides(spec.project, spec.group, variant),
         f"trainer.default_local_dir={os.path.join(spec.out_dir, 'checkpoints', variant)}",
         f"reward.custom_reward_function.path={spec.reward_file}",
         "reward.custom_reward_function.name=compute_score",
@@ -170,9 +171,8 @@ def run_env(spec: RunSpec, variant: str, base: dict | None = None) -> dict:
         "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.activate",
         "VERL_PLATFORM": "cpu",
         "VERL_FILE_LOGGER_PATH": os.path.join(spec.out_dir, f"{variant}.jsonl"),
-        "WANDB_MODE": env.get("WANDB_MODE", "offline"),
-        "WANDB_DIR": os.path.join(spec.out_dir, "wandb"),
-        "WANDB_RUN_GROUP": spec.group,
+        **wandb_naming.wandb_env(spec.project, spec.group, variant, base_env=env,
+                                 wandb_dir=os.path.join(spec.out_dir, "wandb")),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "0",
         "PYTHONUNBUFFERED": "1",
