@@ -1,25 +1,27 @@
-"""The CPU demo behind `make quickstart` (quick mode)."""
+"""``verl_r3.demo.main``: the old ``verl-r3 demo`` entry point, now an alias of ``diagnose --demo``.
+
+Runs the quick variant (short warm start, few prompts) in this process; the full demo and its
+figures are covered by tests/test_diagnose.py.
+"""
 
 from __future__ import annotations
 
-import math
+import argparse
+import json
 
-from verl_r3.demo import report, run
+from verl_r3 import demo
 
 
-def test_quick_demo_replays_rollout_routing_and_keeps_router_gradients():
-    result = run(quick=True, seed=0, log=lambda *a: None)
-    assert math.isfinite(result["warm_start_loss"]) and result["warm_start_loss"] < 3.0  # it learned
-    # bf16 inference and fp32 training pick different experts for some (token, layer) pairs.
-    assert result["router_disagreement"]["router"] > 0
-    stats = result["replay_stats"]
-    assert stats["forwards"] == 1 and stats["fallback"] == 0
-    assert stats["replayed"] == result["sequences"] * 128 * 4
-    assert stats["disagree"] > 0
-    # fp32 training is deterministic; the mismatch is inference vs training.
-    assert result["forward_twice"]["k3_kl"] == 0.0
-    assert result["no_replay"]["k3_kl"] > 0 and result["replay"]["k3_kl"] > 0
-    assert result["no_replay"]["tokens"] == result["response_tokens"] == result["sequences"] * 112
-    assert all(g > 0 for g in result["router_grad_abs_sum"])
-    text = report(result)
-    assert "R3 replay" in text and "router disagreement" in text
+def test_demo_alias_runs_the_diagnose_demo(tmp_path, capsys):
+    assert demo.main(argparse.Namespace(quick=True, seed=0, out=str(tmp_path))) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    setup = metrics["setup"]
+    assert setup["demo"] and setup["engine"] == "hf" and setup["prompts"] == demo.QUICK["num_prompts"]
+    assert setup["warm_start"]["warm_start_steps"] == demo.QUICK["warm_start_steps"]
+    # Replay uses the rollout's experts everywhere, and the routers still get gradients through it.
+    assert metrics["replay"]["router_disagree"] == 0 and metrics["replay"]["fallback"] == 0
+    assert metrics["router_grads_nonzero"] and len(metrics["router_grad_abs_sum"]) == setup["layers"]
+    # fp32 training on a CPU is deterministic: two native passes agree exactly.
+    assert metrics["forward_twice"]["k3_kl"] == 0 and metrics["forward_twice"]["router_disagree"] == 0
+    printed = capsys.readouterr().out
+    assert "no_replay" in printed and str(tmp_path / "metrics.json") in printed

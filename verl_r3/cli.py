@@ -1,18 +1,24 @@
 """``verl-r3``: the console entry point.
 
-    verl-r3 demo [--quick] [--seed N]          the replay demo on a tiny MoE (verl_r3.demo)
+    verl-r3 demo [--quick] [--seed N]          alias of `verl-r3 diagnose --demo` (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
     verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
+    verl-r3 diagnose (--demo | --model DIR) --out DIR
+                                               training-inference mismatch with and without R3 (verl_r3.diagnose)
+    verl-r3 report RUN_DIR... --out DIR        compare runs from W&B offline dirs or verl .jsonl files (verl_r3.report)
+    verl-r3 wandb-dashboard --entity E --project P [--group G] [--dry-run [--json]]
+                                               a saved W&B workspace comparing runs (verl_r3.wandb_dashboard)
     verl-r3 --version
 
-Subcommands import their modules (torch models, transformers) only when they run, so
-``verl-r3 --help`` stays cheap.
+Subcommands import their heavy modules (torch models, transformers, matplotlib, wandb) only
+when they run, so ``verl-r3 --help`` stays cheap.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -42,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    demo = commands.add_parser("demo", help="replay demo on a tiny MoE, on CPU",
-                               description="Replay demo on a tiny MoE, on CPU (verl_r3.demo).")
-    demo.add_argument("--quick", action="store_true", help="a shorter run")
+    demo = commands.add_parser("demo", help="alias of `diagnose --demo`",
+                               description="An alias of `verl-r3 diagnose --demo` (verl_r3.demo).")
+    demo.add_argument("--out", default=None, help="output directory (default runs/diagnose-demo)")
+    demo.add_argument("--quick", action="store_true", help="a shorter smoke run, too small to show the mismatch well")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
 
@@ -100,7 +107,28 @@ def build_parser() -> argparse.ArgumentParser:
                                  "unsupported (and why).")
     doctor.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     doctor.set_defaults(func=_doctor)
+
+    for name, module, summary, description in _MODULE_COMMANDS:
+        sub = commands.add_parser(name, help=summary, description=description)
+        command = importlib.import_module(module)  # light: each imports its heavy parts when it runs
+        command.add_arguments(sub)
+        sub.set_defaults(func=command.main)
     return parser
+
+
+# (subcommand, module with add_arguments(parser) and main(args) -> int, help, description)
+_MODULE_COMMANDS = (
+    ("diagnose", "verl_r3.diagnose", "training-inference mismatch of a model with and without R3, with plots",
+     "Generate with routing capture, recompute the log-probs with the training stack (native routing, R3 "
+     "replay, native again), and write metrics.json, the paper's plots and a table. --demo does it all on a "
+     "tiny MoE it builds, on CPU."),
+    ("report", "verl_r3.report", "compare runs: report.md, summary.json, curves.png from W&B offline runs or .jsonl",
+     "Compare verl runs from W&B offline run directories or verl FileLogger .jsonl files: a markdown table "
+     "(report.md), summary.json and curves.png, readable without a W&B account."),
+    ("wandb-dashboard", "verl_r3.wandb_dashboard", "create a saved W&B workspace comparing R3 and baseline runs",
+     "Create a saved W&B workspace (wandb-workspaces) with the comparison panels: reward, k3 KL, F(2), router "
+     "disagreement per layer, replay and fallback fractions, step time; runs grouped by variant."),
+)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -75,6 +76,14 @@ def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
         assert step["data"]["r3/routing_bytes_per_token"] > 0
         assert step["data"]["r3/metrics_seconds"] > 0 and 0 < step["data"]["r3/metrics_time_frac"] < 1
         assert not [k for k in step["data"] if "r3_stats" in k or k.startswith("actor/r3")]  # counts never logged
+    # Every key the W&B dashboard plots is logged by a real run, and its per-layer regex finds the layers.
+    from verl_r3.wandb_dashboard import PANELS
+
+    logged = set(r["metrics"][-1]["data"])
+    plotted = {k for panel in PANELS for k in panel.keys}
+    assert plotted <= logged, plotted - logged
+    for panel in (p for p in PANELS if p.regex):
+        assert sum(bool(re.match(panel.regex, k)) for k in logged) == 4, panel
     assert glob.glob(os.path.join(os.path.dirname(r["log"]), "wandb", "wandb", "offline-run-*"))
     # verl synced the trained weights into vLLM (it starts from dummy weights): rollout and
     # trainer probabilities agree (about 0.06-0.11 correlation when the sync is broken).
