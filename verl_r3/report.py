@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from verl_r3 import keys
+from verl_r3.jsonl import read_jsonl
 
 __all__ = [
     "SUMMARY_FIELDS", "COLUMNS", "LEGEND", "PANELS", "Run", "Report", "load_jsonl", "load_wandb_run", "find_runs",
@@ -173,19 +174,12 @@ def load_jsonl(path: str | Path) -> dict[int, dict[str, Any]]:
     """A FileLogger file as ``{step: merged data}``; a malformed line raises naming file and line."""
     path = Path(path)
     steps: dict[int, dict[str, Any]] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({err.msg})") from None
-            if not (isinstance(record, dict) and isinstance(record.get("step"), int)
-                    and not isinstance(record["step"], bool) and isinstance(record.get("data"), dict)):
-                raise ValueError(f"{path}:{lineno}: expected a FileLogger record "
-                                 '{"step": int, "data": {...}}, got ' + line.strip()[:80])
-            steps.setdefault(record["step"], {}).update(record["data"])
+    for lineno, record in read_jsonl(path):
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+                and not isinstance(record["step"], bool) and isinstance(record.get("data"), dict)):
+            raise ValueError(f"{path}:{lineno}: expected a FileLogger record "
+                             '{"step": int, "data": {...}}, got ' + json.dumps(record)[:80])
+        steps.setdefault(record["step"], {}).update(record["data"])
     return steps
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from verl_r3.jsonl import read_jsonl
 
 
 @dataclass
@@ -93,19 +94,12 @@ def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[
         for row, value in enumerate(frame["prompt"][:limit]):
             prompts.append(_prompt_ids(tokenizer, value, f"{file}, row {row}"))
     elif file.suffix == ".jsonl":
-        with file.open() as lines:
-            for number, line in enumerate(lines, start=1):
-                if limit is not None and len(prompts) >= limit:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{file}, line {number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(obj, dict) or "prompt" not in obj:
-                    raise ValueError(f"{file}, line {number}: no \"prompt\" field")
-                prompts.append(_prompt_ids(tokenizer, obj["prompt"], f"{file}, line {number}"))
+        for number, obj in read_jsonl(file):
+            if limit is not None and len(prompts) >= limit:
+                break
+            if not isinstance(obj, dict) or "prompt" not in obj:
+                raise ValueError(f"{file}, line {number}: no \"prompt\" field")
+            prompts.append(_prompt_ids(tokenizer, obj["prompt"], f"{file}, line {number}"))
     else:
         raise ValueError(f"prompts file {str(path)!r}: expected a .parquet (verl's format) or .jsonl file")
     if not prompts:
