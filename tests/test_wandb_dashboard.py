@@ -185,3 +185,28 @@ def test_save_failure_is_reported_not_raised(tmp_path):
     assert proc.stdout == ""
     assert "could not save the workspace to http://127.0.0.1:9" in proc.stderr
     assert "network access to the W&B server" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_save_gives_up_on_a_server_that_never_answers(tmp_path):
+    """A server that accepts connections and never replies: the command exits at --timeout, not later."""
+    import socket
+    import time
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+        env.update(HOME=str(tmp_path), WANDB_API_KEY="k" * 40,
+                   WANDB_BASE_URL=f"http://127.0.0.1:{server.getsockname()[1]}")
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "verl_r3.wandb_dashboard", "--entity", "ent", "--project", "proj",
+                               "--timeout", "5"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "no answer from the W&B server within 5 s (--timeout)" in proc.stderr
+    assert elapsed < 60, elapsed  # the client and its service were killed at the timeout
+
+
+def test_timeout_must_be_positive(capsys):
+    assert wandb_dashboard.main(_args("--entity", "ent", "--project", "proj", "--timeout", "0")) == 2
+    assert "--timeout must be > 0" in capsys.readouterr().err

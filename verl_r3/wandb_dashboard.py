@@ -22,7 +22,9 @@ Panels (every key comes from ``verl_r3.keys``, the names runs log):
 
 ``build_workspace`` builds the ``wandb_workspaces.workspaces.Workspace`` and touches no network;
 ``main`` saves it (``Workspace.save()``: needs ``wandb login`` or ``WANDB_API_KEY`` and access to
-the W&B server) and prints its URL. ``--dry-run`` prints the panels instead, ``--dry-run --json``
+the W&B server) and prints its URL. Saving runs in a child process under ``--timeout`` (120 s by
+default): the W&B client can wait on an unreachable server for much longer, and its exit handlers
+can hang after a failed request. ``--dry-run`` prints the panels instead, ``--dry-run --json``
 the workspace spec that saving would send.
 
 The CLI parser is cheap to build: ``wandb_workspaces`` is imported only when a workspace is built.
@@ -34,15 +36,18 @@ import argparse
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 
 from verl_r3 import keys, wandb_naming
 
 __all__ = ["DEFAULT_NAME", "LAYER_REGEX", "PANELS", "PanelSpec", "add_arguments", "build_workspace", "main",
-           "panel_table", "workspace_spec"]
+           "panel_table", "save_workspace", "workspace_spec"]
 
 DEFAULT_NAME = "R3 vs baselines"
+DEFAULT_SAVE_TIMEOUT_S = 120.0
 
 #: Matches every ``r3/router_disagree_layer/NN`` key (two digits or more) and nothing else verl_r3 logs.
 LAYER_REGEX = "^" + re.escape(keys.ROUTER_DISAGREE_LAYER_PREFIX) + r"[0-9]{2,}$"
@@ -144,7 +149,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--group", default=None, help="only the runs of this W&B run group (one launch)")
     parser.add_argument("--dry-run", action="store_true", help="print the panels, save nothing (no network)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the workspace spec as JSON")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_SAVE_TIMEOUT_S,
+                        help=f"seconds to wait for the W&B server when saving (default {DEFAULT_SAVE_TIMEOUT_S:.0f})")
     return parser
+
+
+def _save_child() -> None:
+    """Child side of :func:`save_workspace`: build, save, print ``{"url"}`` or ``{"error"}``, exit at once.
+
+    ``os._exit`` skips the W&B client's exit handlers, which wait on its service process and can
+    outlast any timeout after a failed request.
+    """
+    args = json.loads(sys.argv[1])
+    try:
+        workspace = build_workspace(args["entity"], args["project"], name=args["name"], group=args["group"])
+        workspace.save()
+        out = {"url": workspace.url}
+    except Exception as exc:  # network, authentication, permission: whatever the W&B client raises
+        out = {"error": f"{type(exc).__name__}: {exc}"}
+    sys.stdout.write(json.dumps(out) + "\n")
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def save_workspace(entity: str, project: str, *, name: str = DEFAULT_NAME, group: str | None = None,
+                   timeout_s: float = DEFAULT_SAVE_TIMEOUT_S) -> str:
+    """Save the workspace in a child process; returns its URL.
+
+    Raises ``RuntimeError`` with the W&B client's error, or when no answer came within
+    ``timeout_s`` (the child and the W&B service it started are then killed).
+    """
+    payload = json.dumps({"entity": entity, "project": project, "name": name, "group": group})
+    cmd = [sys.executable, "-c", "from verl_r3.wandb_dashboard import _save_child; _save_child()", payload]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        out = err = None
+    finally:
+        try:  # the child's group holds the W&B service process (wandb-core) too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    if out is None:
+        raise RuntimeError(f"no answer from the W&B server within {timeout_s:g} s (--timeout)")
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"the W&B client exited with {proc.returncode}: {(err or '').strip()[-2000:]}") from None
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["url"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,6 +210,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.json and not args.dry_run:
         print(f"{prog}: error: --json goes with --dry-run", file=sys.stderr)
+        return 2
+    if not args.timeout > 0:
+        print(f"{prog}: error: --timeout must be > 0, got {args.timeout:g}", file=sys.stderr)
         return 2
     try:
         workspace = build_workspace(args.entity, args.project, name=args.name, group=args.group)
@@ -170,10 +229,9 @@ def main(args: argparse.Namespace) -> int:
               "--dry-run shows the workspace without saving", file=sys.stderr)
         return 1
     try:
-        workspace.save()
-        url = workspace.url
-    except Exception as exc:  # network, authentication, permission: whatever the W&B client raises
-        print(f"{prog}: error: could not save the workspace to {host} ({type(exc).__name__}: {exc}). Saving needs "
+        url = save_workspace(args.entity, args.project, name=args.name, group=args.group, timeout_s=args.timeout)
+    except RuntimeError as exc:
+        print(f"{prog}: error: could not save the workspace to {host} ({exc}). Saving needs "
               f"network access to the W&B server, a valid API key (`wandb login`) and write access to "
               f"{args.entity}/{args.project}.", file=sys.stderr)
         return 1
