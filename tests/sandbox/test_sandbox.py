@@ -568,13 +568,49 @@ def test_caller_cannot_be_signalled():
 
 
 @needs_userns
+def test_an_interpreter_under_tmp_stays_usable_with_a_private_tmp(tmp_path):
+    """A virtual environment under /tmp (a CI checkout, a throwaway venv): the program still runs
+    on it, read-only, and /tmp is still the sandbox's own, writable one."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    assert str(venv).startswith("/tmp/"), venv
+    program = textwrap.dedent("""
+        import errno, os, sys
+        open("/tmp/mine", "w").write("ok")
+        try:
+            open(os.path.join(sys.prefix, "pwned"), "w")
+            wrote = "written"
+        except OSError as exc:
+            wrote = errno.errorcode[exc.errno]
+        print(sys.prefix, open("/tmp/mine").read(), wrote)
+    """)
+    caller = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("sandbox", {str(SANDBOX_PKG)!r})
+        sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sandbox)
+        res = sandbox.run_python({program!r}, timeout_s=30.0)
+        print(json.dumps([res.returncode, res.stdout, res.stderr]))
+    """)
+    proc = subprocess.run([str(venv / "bin" / "python"), "-c", caller], capture_output=True, text=True,
+                          timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    code, out, err = json.loads(proc.stdout)
+    assert code == 0, err
+    assert out == f"{venv} ok EROFS\n"
+    assert not (venv / "pwned").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["venv"]  # /tmp/mine stayed in the sandbox
+
+
+@needs_userns
 def test_concurrent_sandboxes_are_isolated_from_each_other():
     src = textwrap.dedent("""
         import os, sys, time
         me = sys.stdin.read()
+        before = set(os.listdir("/tmp"))  # empty, or the mount point of an interpreter under /tmp
         open("/tmp/shared", "w").write(me)
         time.sleep(0.3)
-        print(me, open("/tmp/shared").read(), sorted(os.listdir("/tmp")))
+        print(me, open("/tmp/shared").read(), sorted(set(os.listdir("/tmp")) - before))
     """)
     results = {}
 

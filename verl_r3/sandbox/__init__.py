@@ -170,10 +170,11 @@ def _plan(site_packages: bool) -> tuple[list[list[str]], str]:
     return links + plan, python
 
 
-def _free_dir(plan: list[list[str]], candidates) -> str | None:
-    """The first candidate that neither hides nor lies inside an exposed path."""
+def _free_dir(plan: list[list[str]], candidates, *, nested_ok: bool = False) -> str | None:
+    """The first candidate that does not lie inside an exposed path (nor hold one, unless
+    ``nested_ok``: exposed trees below a private directory are mounted on top of it)."""
     for cand in candidates:
-        if not any(_is_under(p, cand) or _is_under(cand, p) for _, p, _ in plan):
+        if not any(_is_under(cand, p) or (not nested_ok and _is_under(p, cand)) for _, p, _ in plan):
             return cand
     return None
 
@@ -294,7 +295,9 @@ def run_python(source: str, stdin: str | bytes = "", timeout_s: float = 5.0,
 
     plan, python = _plan(site_packages)
     work_dir = _free_dir(plan, ["/sandbox"] + [f"/sandbox-{i}" for i in range(1, 100)])
-    tmp_dir = _free_dir(plan, ["/tmp"])
+    # an interpreter installed under /tmp (a CI checkout, a throwaway venv) stays visible,
+    # read-only, inside the private /tmp
+    tmp_dir = _free_dir(plan, ["/tmp"], nested_ok=True)
     cpu = math.ceil(cpu_time_s if cpu_time_s is not None else timeout_s)
     bin_dir = os.path.dirname(python)
     env = {"PATH": f"{bin_dir}:/usr/local/bin:/usr/bin:/bin", "HOME": work_dir,

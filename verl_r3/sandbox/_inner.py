@@ -282,6 +282,13 @@ def setup_root(cfg):
         f.write(cfg["source"])
     os.chown(main, uid, uid)
 
+    # the private work dir and /tmp first: exposed trees that lie below them (a virtual
+    # environment under /tmp) are then mounted on top, read-only
+    for name, target in (("work", cfg["work_dir"]), ("tmp", cfg["tmp_dir"])):
+        if target:
+            _ensure(stage + target)
+            mount(os.path.join(scratch, name), stage + target, None, MS_BIND, stage="scratch")
+
     masks = []
     for kind, path, src in cfg["plan"]:  # sorted by depth: a mask comes before binds inside it
         dst = stage + path
@@ -298,10 +305,6 @@ def setup_root(cfg):
     for dst in masks:
         mount(None, dst, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
               "size=16k,mode=0755", stage="mask")
-    for name, target in (("work", cfg["work_dir"]), ("tmp", cfg["tmp_dir"])):
-        if target:
-            _ensure(stage + target)
-            mount(os.path.join(scratch, name), stage + target, None, MS_BIND, stage="scratch")
 
     # /dev: a tmpfs with the harmless devices bound in
     dev = os.path.join(stage, "dev")
