@@ -16,7 +16,7 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   stay loadable so verl can sync them every step). On GPUs it does nothing: vLLM's native
   capture is used there.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
-  They are in ``verl_r3.quickstart.runner.cpu_overrides`` and ``KV_CACHE_ENV``.
+  They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
 
 ``capture_path()`` says which path a routing capture would take here (``verl-r3 doctor``).
 """

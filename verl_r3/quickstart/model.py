@@ -33,7 +33,7 @@ from verl_r3.quickstart.reward import compute_score
 from verl_r3.tiny import tiny_config
 
 __all__ = ["CHAT_TEMPLATE", "GENERATION_PROMPT", "build_tokenizer", "build_config", "render_prompt", "warm_start",
-           "greedy_accuracy", "sampled_signal", "build_model_dir"]
+           "greedy_accuracy", "sampled_signal", "build_model_dir", "main"]
 
 GENERATION_PROMPT = "<|im_start|>assistant\n"
 
@@ -66,18 +66,21 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 64, layers: int = 4, experts: int = 8,
-                 top_k: int = 2):
-    """Qwen3-MoE config for ``tokenizer``: every layer MoE, head_dim 32, untied embeddings."""
+                 top_k: int = 2, max_positions: int = 256):
+    """Qwen3-MoE config for ``tokenizer``: every layer MoE, head_dim 32, untied embeddings, a context of
+    ``max_positions`` tokens (bytes)."""
     if hidden_size < HEAD_DIM or hidden_size % HEAD_DIM:
         raise ValueError(f"hidden_size must be a positive multiple of {HEAD_DIM}, got {hidden_size}")
     if not 1 <= top_k <= experts:
         raise ValueError(f"top_k must be in [1, experts={experts}], got {top_k}")
+    if max_positions < 16:
+        raise ValueError(f"max_positions must be >= 16, got {max_positions}")
     heads = hidden_size // HEAD_DIM
     return tiny_config(
         "qwen3_moe", num_experts=experts, num_experts_per_tok=top_k,
         vocab_size=8 * math.ceil(len(tokenizer) / 8), head_dim=HEAD_DIM, hidden_size=hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads, mlp_only_layers=[],
-        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
     )
 
@@ -209,14 +212,14 @@ def sampled_signal(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, p
 
 def build_model_dir(out_dir: str | Path, *, hidden_size: int = 64, layers: int = 4, experts: int = 8, top_k: int = 2,
                     seed: int = 0, warm_start_steps: int = 1200, batch_size: int = 32, lr: float = 3e-3,
-                    log: Callable[[str], None] | None = print) -> dict:
+                    max_positions: int = 256, log: Callable[[str], None] | None = print) -> dict:
     """Build, warm-start and save the quickstart model to ``out_dir``; returns the warm-start figures.
 
     The figures (also written to ``out_dir/warm_start.json``): ``params``, ``warm_start_steps``,
     ``batch_size``, ``lr``, ``warm_start_loss`` (answer-token loss over the last steps),
     ``greedy_accuracy`` on ``HOLDOUT_SIZE`` held-out problems, ``sampled_accuracy`` and
     ``mixed_groups`` on the same problems (see ``sampled_signal``), and ``seconds``.
-    The default budget (1200 steps of 32 problems) takes ~1.5 min on 2 CPU cores and leaves the
+    ``max_positions`` is the model's context in tokens (one per byte). The default budget (1200 steps of 32 problems) takes ~1.5 min on 2 CPU cores and leaves the
     model roughly 25-60% right greedily, depending on the seed.
     """
     if warm_start_steps < 0:
@@ -226,7 +229,8 @@ def build_model_dir(out_dir: str | Path, *, hidden_size: int = 64, layers: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = build_config(tokenizer, hidden_size=hidden_size, layers=layers, experts=experts, top_k=top_k)
+    config = build_config(tokenizer, hidden_size=hidden_size, layers=layers, experts=experts, top_k=top_k,
+                          max_positions=max_positions)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
@@ -256,3 +260,29 @@ def build_model_dir(out_dir: str | Path, *, hidden_size: int = 64, layers: int =
         f"on {HOLDOUT_SIZE} held-out problems (sampled {signal['sampled_accuracy']:.2f}, "
         f"{signal['mixed_groups']:.0%} of 4-sample groups mixed), {figures['seconds']} s")
     return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m verl_r3.quickstart.model --out DIR``: build (and warm-start) a tiny model directory."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m verl_r3.quickstart.model", description=main.__doc__.split(": ", 1)[1])
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (a multiple of 32)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (all MoE)")
+    p.add_argument("--experts", type=int, default=8, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token")
+    p.add_argument("--max-positions", type=int, default=256, help="context length in tokens (bytes)")
+    p.add_argument("--warm-start-steps", type=int, default=1200, help="supervised warm-start steps (0: random weights)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        build_model_dir(args.out, hidden_size=args.hidden, layers=args.layers, experts=args.experts, top_k=args.top_k,
+                        seed=args.seed, warm_start_steps=args.warm_start_steps, max_positions=args.max_positions)
+    except ValueError as exc:
+        p.error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

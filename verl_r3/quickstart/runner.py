@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from verl_r3 import wandb_naming
+from verl_r3.integration import cpu_settings
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "RunSpec", "cpu_overrides", "merge_overrides", "variant_overrides", "run_env", "run_variant"]
 
@@ -47,9 +48,8 @@ VARIANTS: dict[str, dict] = {
 }
 DEFAULT_VARIANTS = ("grpo", "grpo_r3", "grpo_tis", "gspo", "gspo_r3")
 
-#: Rollout engines the quickstart runs (``actor_rollout_ref.rollout.name``): verl's vLLM server on
-#: vLLM's CPU build, verl's SGLang server (in SGLang's own environment), or verl_r3's ``hf``.
-ENGINES = ("vllm", "sglang", "hf")
+#: Rollout engines the quickstart runs (``actor_rollout_ref.rollout.name``).
+ENGINES = cpu_settings.ENGINES
 
 
 @dataclass
@@ -73,39 +73,8 @@ class RunSpec:
 
 
 def cpu_overrides(spec: RunSpec) -> list[str]:
-    """verl settings for a CPU-only machine (CPU platform, FSDP2 in fp32, one worker)."""
-    return [
-        "trainer.device=cpu",
-        "trainer.nnodes=1",
-        "trainer.n_gpus_per_node=1",
-        "+ray_kwargs.ray_init.num_gpus=1",  # logical GPUs: verl's resource pools ask Ray for them
-        "ray_kwargs.ray_init.num_cpus=16",  # logical; placement bundles ask for 3 CPUs a worker
-        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",  # 8 storage actors hang on 2 cores
-        "reward.num_workers=1",
-        "actor_rollout_ref.rollout.agent.num_workers=1",
-        "actor_rollout_ref.actor.strategy=fsdp2",
-        "actor_rollout_ref.ref.strategy=fsdp2",
-        "actor_rollout_ref.actor.fsdp_config.use_torch_compile=False",
-        "actor_rollout_ref.actor.fsdp_config.dtype=float32",
-        "+actor_rollout_ref.actor.fsdp_config.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
-        "+actor_rollout_ref.model.override_config.attn_implementation=eager",
-        "actor_rollout_ref.model.use_remove_padding=True",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-        # vLLM's CPU build: no sleep mode (it needs an accelerator), no graph compilation.
-        "+actor_rollout_ref.rollout.enable_sleep_mode=False",
-        "actor_rollout_ref.rollout.enforce_eager=True",
-    ]
-
-
-#: verl's SGLang rollout on SGLang's CPU device (with ``VERL_R3_SGLANG_CPU=1``, see ``run_env``).
-#: SGLang's memory release synchronizes a CUDA device, hence ``free_cache_engine=False``.
-SGLANG_CPU_OVERRIDES = (
-    "+actor_rollout_ref.rollout.engine_kwargs.sglang.device=cpu",
-    "+actor_rollout_ref.rollout.engine_kwargs.sglang.attention_backend=torch_native",
-    "+actor_rollout_ref.rollout.engine_kwargs.sglang.enable_memory_saver=False",
-    "+actor_rollout_ref.rollout.engine_kwargs.sglang.max_total_tokens=4096",
-    "actor_rollout_ref.rollout.free_cache_engine=False",
-)
+    """verl settings for a CPU-only machine and ``spec``'s engine (``verl_r3.integration.cpu_settings``)."""
+    return cpu_settings.cpu_overrides(spec.rollout_engine)
 
 
 def variant_overrides(variant: str, spec: RunSpec) -> list[str]:
@@ -151,7 +120,6 @@ def variant_overrides(variant: str, spec: RunSpec) -> list[str]:
         "reward.custom_reward_function.name=compute_score",
         *v["algo"],
         *cpu_overrides(spec),
-        *(SGLANG_CPU_OVERRIDES if spec.rollout_engine == "sglang" else ()),
     ]
 
 
@@ -168,17 +136,12 @@ def merge_overrides(base: list[str], extra) -> list[str]:
 def run_env(spec: RunSpec, variant: str, base: dict | None = None) -> dict:
     env = dict(os.environ if base is None else base)
     env.update({
-        "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.activate",
-        "VERL_PLATFORM": "cpu",
+        **cpu_settings.cpu_env(spec.rollout_engine),
         "VERL_FILE_LOGGER_PATH": os.path.join(spec.out_dir, f"{variant}.jsonl"),
         **wandb_naming.wandb_env(spec.project, spec.group, variant, base_env=env,
                                  wandb_dir=os.path.join(spec.out_dir, "wandb")),
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_DEDUP_LOGS": "0",
-        "PYTHONUNBUFFERED": "1",
     })
     if spec.rollout_engine == "sglang":
-        env["VERL_R3_SGLANG_CPU"] = "1"  # SGLang's CPU fixes, in every verl and SGLang process
         # SGLang's environment runs verl_r3 from this checkout (it is not installed there).
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
