@@ -15,7 +15,8 @@
 # Only the path goes to stdout; progress and errors go to stderr, and any failure exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REQS=(requirements/sglang.txt requirements/sglang-constraints.txt requirements/verl-cpu.txt requirements/dev.txt)
+REQS=(requirements/sglang.txt requirements/sglang-constraints.txt requirements/verl-cpu.txt requirements/dev.txt
+      requirements/recipes.txt)
 for req in "${REQS[@]}"; do
     [ -f "$req" ] || { echo "sglang_env.sh: missing requirements file $req" >&2; exit 2; }
 done
@@ -49,7 +50,7 @@ if [ ! -f "$ENV_DIR/.ready" ]; then
     #    verl's trainer, with torch and transformers held. pip then lists SGLang's CUDA packages
     #    and verl's transformers pin as unmet: expected.
     pip install --no-deps sglang==0.5.23 verl==0.9.1
-    pip install -r requirements/sglang.txt -r requirements/verl-cpu.txt -r requirements/dev.txt \
+    pip install -r requirements/sglang.txt -r requirements/verl-cpu.txt -r requirements/dev.txt -r requirements/recipes.txt \
         -c requirements/sglang-constraints.txt
     # 3. verl_r3's SGLang plugin: an entry point in SGLang's general-plugin group, which SGLang
     #    loads early in its engine, scheduler and detokenizer processes. A metadata-only

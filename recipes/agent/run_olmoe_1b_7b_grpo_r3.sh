@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Agent (multi-turn, Python tool): GRPO + R3 (router_replay.mode=R3) on OLMoE-1B-7B (one 80 GB GPU).
+# Knobs (ROLLOUT_ENGINE, TRAIN_BACKEND, NNODES, GPUS_PER_NODE, MODEL_PATH, DATA_DIR, WANDB_PROJECT,
+# SMOKE, ...): recipes/common.sh. Arguments are extra Hydra overrides. See README.md.
+RECIPE=agent MODEL=olmoe_1b_7b VARIANT=grpo_r3
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh" "$@"

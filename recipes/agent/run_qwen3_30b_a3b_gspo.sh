@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Agent (multi-turn, Python tool): GSPO (sequence ratio clipped 3e-4 / 4e-4) on Qwen3-30B-A3B (8 x 80 GB; NNODES>=4: the paper's scale).
+# Knobs (ROLLOUT_ENGINE, TRAIN_BACKEND, NNODES, GPUS_PER_NODE, MODEL_PATH, DATA_DIR, WANDB_PROJECT,
+# SMOKE, ...): recipes/common.sh. Arguments are extra Hydra overrides. See README.md.
+RECIPE=agent MODEL=qwen3_30b_a3b VARIANT=gspo
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh" "$@"

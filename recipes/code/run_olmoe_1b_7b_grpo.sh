@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Code: GRPO (clip-higher 0.2 / 0.27) on OLMoE-1B-7B (one 80 GB GPU).
+# Knobs (ROLLOUT_ENGINE, TRAIN_BACKEND, NNODES, GPUS_PER_NODE, MODEL_PATH, DATA_DIR, WANDB_PROJECT,
+# SMOKE, ...): recipes/common.sh. Arguments are extra Hydra overrides. See README.md.
+RECIPE=code MODEL=olmoe_1b_7b VARIANT=grpo
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh" "$@"
