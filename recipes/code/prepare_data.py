@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import HubUnavailable, load_hub, verl_row, write_split, write_splits  # noqa: E402,F401 (HubUnavailable: for callers)
+from verl_rows import load_hub, verl_row, write_split, write_splits  # noqa: E402
 
 INSTRUCTION = ("Write a complete, self-contained Python 3 solution. Put the whole program in one "
                "```python code block.")

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import HubUnavailable, load_hub, verl_row, write_splits  # noqa: E402,F401 (HubUnavailable: for callers)
+from verl_rows import load_hub, verl_row, write_splits  # noqa: E402
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -152,8 +152,9 @@ def rows_for(name: str, split: str, *, limit: int | None, seed: int, smoke: bool
             for i, (problem, answer, extra) in enumerate(items)]
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv=None, *, as_row: Callable[[dict], dict] = lambda row: row, description: str | None = None) -> int:
+    """The command line; the agent recipe's prepare_data.py runs it with its own ``as_row``."""
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="DATA_DIR: train.parquet and test.parquet go here")
     p.add_argument("--train", default="dapo", help="comma-separated train sources")
     p.add_argument("--test", default="aime24,aime25,amc23,math500", help="comma-separated test sources")
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
 
     def rows(name: str, split: str) -> list[dict]:
         limit = (16 if split == "test" else args.limit or 64) if args.smoke else args.limit
-        return rows_for(name, split, limit=limit, seed=args.seed, smoke=args.smoke)
+        return [as_row(row) for row in rows_for(name, split, limit=limit, seed=args.seed, smoke=args.smoke)]
 
     return write_splits(args.out, {"train": args.train, "test": args.test}, rows)
 

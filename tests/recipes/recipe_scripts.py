@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -46,3 +47,12 @@ def compose(command: list[str]):
     path, name, overrides = command[command.index("--config-path") + 1], command[cut + 1], command[cut + 2:]
     with initialize_config_dir(config_dir=path, version_base=None):
         return hydra_compose(config_name=name, overrides=overrides)
+
+
+def load_recipe_module(recipe: str, name: str):
+    """``recipes/<recipe>/<name>.py`` as a module (the recipe folders are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}_{name}", RECIPES / recipe / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,22 +3,16 @@ loaded through verl's own RLHFDataset with the SMOKE tokenizer; the converters o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from recipe_scripts import load_recipe_module  # noqa: E402
 
 
-def _load(recipe: str, name: str):
-    spec = importlib.util.spec_from_file_location(f"test_data_{recipe}_{name}", RECIPES / recipe / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_recipe_module
 
 
 math_data, code_data, agent_data = (_load(r, "prepare_data") for r in ("math", "code", "agent"))

@@ -3,22 +3,16 @@ solutions through the sandboxed unit tests, reward hacks, and the agent tool's a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from recipe_scripts import load_recipe_module  # noqa: E402
 
 
-def _load(recipe: str, name: str):
-    spec = importlib.util.spec_from_file_location(f"test_recipe_{recipe}_{name}", RECIPES / recipe / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+_load = load_recipe_module
 
 
 math_reward = _load("math", "reward")
