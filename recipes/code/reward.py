@@ -57,32 +57,41 @@ def _alarm(signum, frame):
     raise _TestTimeout()
 
 
-def _run(source, name, env, seconds):
-    signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+# Everything the harness calls after the program has loaded is bound here, before it loads: the
+# program may rebind builtins (exec, compile, int, BaseException, ...) or the signal module's functions.
+# Returns 1 (completed), 0 (raised: an assertion, an error, SystemExit) or 2 (stopped by its alarm).
+def _run(source, name, env, seconds, _exec=exec, _compile=compile, _catch=BaseException, _timeout=_TestTimeout,
+         _signal=signal.signal, _setitimer=signal.setitimer, _itimer=signal.ITIMER_REAL, _sigalrm=signal.SIGALRM,
+         _handler=_alarm):
+    _signal(_sigalrm, _handler)
+    _setitimer(_itimer, seconds)
     try:
-        exec(compile(source, name, "exec"), env)
-        return True
-    except BaseException:  # an assertion, an error, SystemExit, the per-test alarm
-        return False
+        _exec(_compile(source, name, "exec"), env)
+        return 1
+    except _timeout:
+        return 2
+    except _catch:
+        return 0
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        _setitimer(_itimer, 0)
 
 
-def _main():  # locals only: nothing of the job is reachable as a module attribute
+def _main(_range=range, _len=len):  # locals only: nothing of the job is reachable as a module attribute
     job = json.loads(sys.stdin.readline())
     token, seconds = job.pop("token"), job["test_timeout_s"]
     report = os.fdopen(os.dup(1), "w")  # kept aside: the program may close or replace sys.stdout
+    write, flush, tests = report.write, report.flush, job["tests"]
     sys.stdin = open(os.devnull)
     env = {"__name__": "__main__"}
-    loaded = _run(job["program"], "solution.py", env, seconds) and _run(job["preamble"], "preamble.py", env, seconds)
-    report.write(f"{token} loaded {int(loaded)}\n")
-    report.flush()
-    if loaded:
-        for i, test in enumerate(job["tests"]):
-            ok = _run(test, f"test_{i}.py", env, seconds)
-            report.write(f"{token} test {i} {int(ok)}\n")
-            report.flush()
+    loaded = _run(job["program"], "solution.py", env, seconds)
+    if loaded == 1:
+        loaded = _run(job["preamble"], "preamble.py", env, seconds)
+    write(token + " loaded %d\n" % loaded)
+    flush()
+    if loaded == 1:
+        for i in _range(_len(tests)):
+            write(token + " test %d %d\n" % (i, _run(tests[i], "test_%d.py" % i, env, seconds)))
+            flush()
 
 
 _main()
@@ -119,12 +128,15 @@ def run_asserts(program: str, spec: dict) -> dict:
     res = run_python(HARNESS, stdin=json.dumps(job) + "\n", timeout_s=LIMITS["asserts_timeout_s"] + 2,
                      memory_mb=LIMITS["memory_mb"], max_processes=LIMITS["max_processes"],
                      max_output_bytes=LIMITS["max_output_bytes"], site_packages=False)
-    passed = set()
+    passed, timed_out = set(), res.timed_out
     for line in res.stdout.splitlines():
         parts = line.split()
-        if len(parts) == 4 and parts[0] == token and parts[1] == "test" and parts[3] == "1":
+        if not parts or parts[0] != token:
+            continue
+        timed_out |= parts[-1] == "2"  # the program (loaded) or a test (test i) stopped by its own alarm
+        if len(parts) == 4 and parts[1] == "test" and parts[3] == "1":
             passed.add(int(parts[2]))
-    return {"passed": len(passed), "total": len(tests), "timed_out": res.timed_out}
+    return {"passed": len(passed), "total": len(tests), "timed_out": timed_out}
 
 
 def _lines(text: str) -> list[str]:
@@ -150,6 +162,9 @@ def parse_ground_truth(ground_truth: Any) -> dict:
         spec = json.loads(ground_truth) if isinstance(ground_truth, str) else dict(ground_truth)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"code reward: ground truth is not a JSON test spec ({exc}): {str(ground_truth)[:200]!r}")
+    if not isinstance(spec, dict):
+        raise ValueError(f"code reward: ground truth is JSON but not an object (a {type(spec).__name__}): "
+                         f"{str(ground_truth)[:200]!r}")
     if spec.get("format") not in ("asserts", "stdio") or not spec.get("tests"):
         raise ValueError(f"code reward: test spec needs format 'asserts' or 'stdio' and at least one test, got "
                          f"format={spec.get('format')!r} with {len(spec.get('tests') or [])} tests")

@@ -120,10 +120,30 @@ def gym_problems(size: int, seed: int, tasks: Iterable[str] = GYM_TASKS) -> list
     return out
 
 
-def rows_for(name: str, split: str, *, limit: int | None, seed: int, smoke: bool = False) -> list[dict]:
+#: reasoning-gym seeds item i of a dataset with seed + i: the test split's seeds start this far
+#: above the train split's, so the two never share a seed (train sizes stay far below it).
+GYM_TEST_SEED_OFFSET = 1_000_000
+
+
+def _gym_split(split: str, size: int, seed: int, tasks: Iterable[str], train_size: int) -> list:
+    if split == "train":
+        return gym_problems(size, seed, tasks)
+    train = {problem for problem, _, _ in gym_problems(train_size, seed, tasks)}
+    items = gym_problems(size, seed + GYM_TEST_SEED_OFFSET, tasks)
+    kept = [item for item in items if item[0] not in train]  # equal text from different seeds
+    if len(kept) < len(items):
+        print(f"reasoning_gym test: left out {len(items) - len(kept)} problems also in the train split",
+              file=sys.stderr)
+    return kept
+
+
+def rows_for(name: str, split: str, *, limit: int | None, seed: int, smoke: bool = False,
+             train_limit: int | None = None) -> list[dict]:
+    """Rows of one source and split; ``train_limit`` is the train split's ``limit`` (the generated
+    test split leaves out problems of that train split)."""
     if name == "reasoning_gym":
-        items = gym_problems(limit or (512 if split == "train" else 64), seed + (0 if split == "train" else 7),
-                             SMOKE_TASKS if smoke else GYM_TASKS)
+        items = _gym_split(split, limit or (512 if split == "train" else 64), seed,
+                           SMOKE_TASKS if smoke else GYM_TASKS, train_limit or 512)
         source = "reasoning_gym"
     else:
         if name not in HUB:
@@ -165,9 +185,12 @@ def main(argv=None, *, as_row: Callable[[dict], dict] = lambda row: row, descrip
     if args.smoke:
         args.train, args.test = "reasoning_gym", "reasoning_gym"
 
+    train_limit = args.limit or 64 if args.smoke else args.limit
+
     def rows(name: str, split: str) -> list[dict]:
-        limit = (16 if split == "test" else args.limit or 64) if args.smoke else args.limit
-        return [as_row(row) for row in rows_for(name, split, limit=limit, seed=args.seed, smoke=args.smoke)]
+        limit = (16 if split == "test" else train_limit) if args.smoke else args.limit
+        return [as_row(row) for row in rows_for(name, split, limit=limit, seed=args.seed, smoke=args.smoke,
+                                                train_limit=train_limit)]
 
     return write_splits(args.out, {"train": args.train, "test": args.test}, rows)
 

@@ -113,6 +113,14 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _bare(answer: str) -> str:
+    """``answer`` without the markup around it: "** 42**" -> "42", "$\\frac{1}{2}$." -> "\\frac{1}{2}"."""
+    previous = None
+    while previous != answer:
+        previous, answer = answer, answer.strip().strip("*").strip().rstrip(".").strip("$")
+    return answer
+
+
 def extract_answer(text: Any) -> str | None:
     """The final answer of a response: its last ``\\boxed{}``, else what follows its last ``Answer:``."""
     if not isinstance(text, str):
@@ -120,7 +128,7 @@ def extract_answer(text: Any) -> str | None:
     boxed = _last_boxed(text)
     if boxed is None:
         found = re.findall(r"(?im)^\s*\**answer\**\s*[:：]\s*(.+?)\s*$", text)
-        boxed = found[-1].strip().strip("$").rstrip(".") if found else None
+        boxed = _bare(found[-1]) if found else None
     if boxed is None or not boxed.strip() or len(boxed) > _MAX_ANSWER_CHARS:
         return None
     return boxed.strip()

@@ -125,3 +125,16 @@ def test_no_hub_is_a_clear_error(tmp_path, monkeypatch, capsys):
         math_data.rows_for("chess", "train", limit=None, seed=0)
     with pytest.raises(SystemExit, match="has no train split"):
         math_data.rows_for("math500", "train", limit=None, seed=0)
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_generated_test_split_shares_no_problem_with_train(tmp_path, smoke):
+    # reasoning-gym seeds item i with seed + i, so nearby seeds for the two splits would share items.
+    import pandas as pd
+
+    args = ["--out", str(tmp_path), "--train", "reasoning_gym", "--test", "reasoning_gym"]
+    assert math_data.main(args + (["--smoke"] if smoke else [])) == 0
+    train, test = (pd.read_parquet(tmp_path / f"{s}.parquet") for s in ("train", "test"))
+    problems = {split: {row["problem"] for row in df["extra_info"]} for split, df in (("train", train), ("test", test))}
+    assert len(problems["train"]) == len(train) and len(test) >= (16 if smoke else 60)
+    assert not problems["train"] & problems["test"]

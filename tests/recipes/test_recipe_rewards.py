@@ -39,6 +39,16 @@ def test_math_reward_without_an_answer():
     assert math_reward.extract_answer("\\boxed{\\frac{a}{b^{2}}}") == "\\frac{a}{b^{2}}"
 
 
+@pytest.mark.parametrize("response, answer", [
+    ("so\n**Answer:** 42", "42"),
+    ("Answer: $\\frac{1}{2}$.", "\\frac{1}{2}"),
+    ("Answer: **$x = 2$**.", "x = 2"),
+    ("ANSWER: 3.5", "3.5"),
+])
+def test_math_answer_line_without_its_markup(response, answer):
+    assert math_reward.extract_answer(response) == answer
+
+
 def test_math_reward_times_out_and_recovers(monkeypatch):
     # sympy needs about 0.25 s for this integral; a 10 ms limit stops the check, which scores 0,
     # and the checker process is restarted for the next call.
@@ -99,11 +109,34 @@ def test_corrupted_humaneval_solutions_score_less():
     "print('test 0 1')\nprint('passed')\nimport os\nos._exit(0)\n",
     "while True:\n    pass\n",
     "import builtins\nbuiltins.AssertionError = type('A', (BaseException,), {})\n",
+    # rebinding what the harness calls after the program has loaded
+    "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+    "import builtins\n_c = compile\nbuiltins.compile = lambda s, n, m, *a, **k: _c('pass', n, m)\n",
+    "import builtins\nbuiltins.int = lambda *a: 1\n",
+    "import builtins\nbuiltins.BaseException = type('B', (Exception,), {})\nbuiltins.exec = lambda *a, **k: None\n",
+    "import signal\nsignal.setitimer = lambda *a: None\nsignal.signal = lambda *a: None\nwhile True:\n    pass\n",
 ])
 def test_reward_hacks_score_0(hack):
     p = _humaneval()[0]
     _, spec, _ = code_data.from_humaneval(p)
     assert code_reward.compute_score("openai/humaneval", _answer(hack), json.dumps(spec))["score"] == 0.0
+
+
+@pytest.mark.parametrize("ground_truth", ["[1, 2]", "null", "42", '"asserts"', "{not json", ""])
+def test_bad_ground_truth_is_a_value_error(ground_truth):
+    with pytest.raises(ValueError, match="code reward: ground truth"):
+        code_reward.parse_ground_truth(ground_truth)
+
+
+def test_asserts_form_counts_a_looping_test_as_timed_out(monkeypatch):
+    monkeypatch.setitem(code_reward.LIMITS, "asserts_timeout_s", 2.0)
+    spec = json.dumps({"format": "asserts", "prompt_code": "", "preamble": "",
+                       "tests": ["assert f(1) == 1", "assert f(0) == 0"]})
+    program = "def f(x):\n    while x:\n        pass\n    return x\n"
+    result = code_reward.compute_score("x", _answer(program), spec)
+    assert (result["passed"], result["total"], result["timed_out"]) == (1, 2, 1.0), result
+    result = code_reward.compute_score("x", _answer("def f(x):\n    return x\n"), spec)
+    assert (result["score"], result["timed_out"]) == (1.0, 0.0), result
 
 
 def test_stdio_scores_the_fraction_of_tests_passed():
