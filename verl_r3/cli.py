@@ -3,6 +3,8 @@
     verl-r3 demo [--quick] [--seed N]          alias of `verl-r3 diagnose --demo` (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
+    verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
+    verl-r3 bench e2e [--json] [options]       seconds per quickstart step, GRPO+R3 vs GRPO (verl_r3.bench.e2e)
     verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
     verl-r3 diagnose (--demo | --model DIR) --out DIR
                                                training-inference mismatch with and without R3 (verl_r3.diagnose)
@@ -76,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hidden size, a multiple of 64 (default: the benchmark's)")
     replay.add_argument("--moe-intermediate", type=_positive, default=None,
                         help="expert intermediate size (default: the benchmark's)")
+    replay.add_argument("--remove-padding", action="store_true",
+                        help="pack the sequences into one row with restarting position ids, as verl's "
+                        "use_remove_padding does")
     replay.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     replay.add_argument("--threads", type=_non_negative, default=1,
                         help="torch threads (default 1: steadier timings; 0 keeps torch's default)")
@@ -100,6 +105,50 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="engine dtype")
     capture.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     capture.set_defaults(func=_bench_capture)
+
+    memory = benches.add_parser(
+        "memory",
+        help="routing memory of one training step: bytes per id, peak over the unpadded payload",
+        description="Routing memory of one training step in verl's padded layout, verl's v1 layout and "
+        "verl_r3's, from shapes (nothing of the step is allocated). The defaults are a Qwen3-30B-A3B step "
+        "of the math recipe; targets: 1 byte per id, peak <= 1.25 x the unpadded payload.",
+    )
+    memory.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    memory.add_argument("--layers", type=_positive, default=48, help="decoder layers (default 48)")
+    memory.add_argument("--experts", type=_positive, default=128, help="routed experts (default 128)")
+    memory.add_argument("--top-k", type=_positive, default=8, help="experts per token (default 8)")
+    memory.add_argument("--prompts", type=_positive, default=256, help="prompts per step (default 256)")
+    memory.add_argument("--n", type=_positive, default=8, help="samples per prompt (default 8)")
+    memory.add_argument("--dp", type=_positive, default=16, help="data-parallel ranks (default 16)")
+    memory.add_argument("--max-prompt", type=_positive, default=2048, help="max prompt tokens (default 2048)")
+    memory.add_argument("--max-response", type=_positive, default=30720, help="max response tokens (default 30720)")
+    memory.add_argument("--max-token-len", type=_positive, default=34816,
+                        help="tokens per micro-batch, ppo_max_token_len_per_gpu (default 34816)")
+    memory.add_argument("--response-median", type=float, default=6000.0,
+                        help="median response tokens of the drawn lengths (default 6000)")
+    memory.add_argument("--response-sigma", type=float, default=0.8,
+                        help="log-normal spread of the response lengths (default 0.8)")
+    memory.add_argument("--mini-batches", type=_positive, default=8, help="PPO mini-batches per step (default 8)")
+    memory.add_argument("--seed", type=int, default=0, help="random seed of the lengths (default 0)")
+    memory.set_defaults(func=_bench_memory)
+
+    e2e = benches.add_parser(
+        "e2e",
+        help="seconds per quickstart step, GRPO+R3 vs GRPO",
+        description="verl's main_ppo on the CPU quickstart model, GRPO and GRPO+R3 with the same seeds, runs "
+        "alternating; medians of verl's timing_s/step and the phase timings, ratio (target <= 1.03).",
+    )
+    e2e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e2e.add_argument("--runs", type=_positive, default=2, help="runs per side (default 2)")
+    e2e.add_argument("--steps", type=_positive, default=8, help="steps per run (default 8)")
+    e2e.add_argument("--skip", type=_non_negative, default=2, help="warm-up steps left out of each run (default 2)")
+    e2e.add_argument("--prompts", type=_positive, default=8, help="prompts per step (default 8)")
+    e2e.add_argument("--samples", type=_positive, default=4, help="responses per prompt (default 4)")
+    e2e.add_argument("--engine", default="vllm", choices=("vllm", "hf", "sglang"), help="rollout engine")
+    e2e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    e2e.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
+    e2e.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default 900)")
+    e2e.set_defaults(func=_bench_e2e)
 
     doctor = commands.add_parser("doctor", help="installed versions and each engine's routing capture path",
                                  description="Installed versions of verl, torch, transformers, vLLM and SGLang, "
@@ -142,7 +191,8 @@ def _bench_replay(args: argparse.Namespace) -> int:
     from verl_r3.bench import replay
 
     kwargs = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, batch=args.batch,
-                  repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads or None)
+                  repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads or None,
+                  remove_padding=args.remove_padding)
     if args.hidden is not None:
         kwargs["hidden"] = args.hidden
     if args.moe_intermediate is not None:
@@ -173,6 +223,34 @@ def _bench_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_memory(args: argparse.Namespace) -> int:
+    from verl_r3.bench import memory
+
+    try:
+        result = memory.run(layers=args.layers, experts=args.experts, top_k=args.top_k, prompts=args.prompts, n=args.n,
+                            dp=args.dp, max_prompt=args.max_prompt, max_response=args.max_response,
+                            max_token_len=args.max_token_len, response_median=args.response_median,
+                            response_sigma=args.response_sigma, mini_batches=args.mini_batches, seed=args.seed)
+    except ValueError as exc:
+        print(f"verl-r3 bench memory: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else memory.format_result(result))
+    return 0
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from verl_r3.bench import e2e
+
+    try:
+        result = e2e.run(runs=args.runs, steps=args.steps, skip=args.skip, prompts=args.prompts, samples=args.samples,
+                         engine=args.engine, seed=args.seed, out=args.out, timeout_s=args.timeout)
+    except (ValueError, RuntimeError) as exc:
+        print(f"verl-r3 bench e2e: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else e2e.format_result(result))
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from verl_r3 import doctor
 
@@ -193,7 +271,8 @@ def format_replay(result: dict) -> str:
     lines = [
         "verl-r3 bench replay: forward + backward, native routing vs rr.replay(own routing)",
         f"shape    {s['layers']} layers x {s['experts']} experts, top-{s['top_k']}, hidden {s['hidden']}, "
-        f"moe_intermediate {s['moe_intermediate']}, {s['tokens']} tokens ({s['batch']} x {s['seq']}), "
+        f"moe_intermediate {s['moe_intermediate']}, {s['tokens']} tokens ({s['batch']} x {s['seq']}"
+        f"{', packed' if s.get('remove_padding') else ''}), "
         f"{s['dtype']}, experts={s['experts_implementation']}, attention={s['attn_implementation']}",
         f"machine  {m['processor']} ({m['machine']}), {m['cpu_count']} CPUs, {m['threads']} torch threads, "
         f"torch {m['torch']}, transformers {m['transformers']}",

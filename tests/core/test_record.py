@@ -142,3 +142,35 @@ def test_from_dense_and_from_wire_reject_corrupt_input():
     partly = bytearray(wide["data"]); partly[2:4] = b"\xff\xff"  # slot 1 of row 0 holds the reserved value
     with pytest.raises(ValueError, match="expert id >= num_experts=300"):
         RoutingRecord.from_wire(dict(wide, data=bytes(partly)))
+
+
+@pytest.mark.parametrize("values, dtype", [
+    ([0, 255], torch.uint8),        # DeepSeek-V3: 256 experts, every id in one byte
+    ([0, 7], torch.uint8),
+    ([-1, 3], torch.int16),         # -1 markers are not one-byte ids: kept signed
+    ([0, 256], torch.int16),
+    ([0, 40000], torch.int32),
+    ([-40000, 1], torch.int32),
+])
+def test_compact_rows_is_the_narrowest_exact_dtype(values, dtype):
+    from verl_r3.core.record import compact_rows
+
+    routed = torch.tensor(values, dtype=torch.int64).view(1, 1, 2)
+    out = compact_rows(routed)
+    assert out.dtype == dtype and out.tolist() == routed.tolist()
+    assert compact_rows(torch.zeros(0, 4, 2, dtype=torch.int32)).dtype == torch.uint8
+
+
+def test_validation_in_row_chunks_names_the_offending_sample_and_row(monkeypatch):
+    import verl_r3.core.record as record
+
+    monkeypatch.setattr(record, "_VALIDATE_CHUNK_IDS", 2 * 2 * 2)  # two rows of [2 layers, top-2] per chunk
+    routed = torch.tensor([[0, 1], [2, 3]]).expand(3, 5, 2, 2).clone()
+    validate_routing(routed, num_layers=2, top_k=2, num_experts=4)
+    routed[2, 3, 1] = torch.tensor([3, 3])
+    routed[1, 4, 0] = torch.tensor([-1, 0])
+    with pytest.raises(ValueError, match=r"sample 1, row 4, layer 0: row partly -1"):
+        validate_routing(routed, num_layers=2, top_k=2, num_experts=4)
+    routed[1, 4, 0] = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"sample 2, row 3, layer 1: duplicate expert ids within one row; row is \[3, 3\]"):
+        validate_routing(routed, num_layers=2, top_k=2, num_experts=4)

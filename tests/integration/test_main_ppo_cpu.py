@@ -10,6 +10,7 @@ What is checked comes from the metrics verl itself logged (verl's file logger).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 
@@ -48,6 +49,12 @@ def _run(setup, variant: str, name: str, extra=(), engine: str = "vllm") -> dict
     return run_variant(variant, spec, timeout_s=TIMEOUT_S, extra=list(extra))
 
 
+def _ids_per_token(setup) -> int:
+    """Expert ids per token of the model: layers x top-k."""
+    config = json.loads((setup[0] / "model" / "config.json").read_text())
+    return config["num_hidden_layers"] * config["num_experts_per_tok"]
+
+
 def _series(result: dict, key: str) -> list:
     return [step["data"].get(key) for step in result["metrics"]]
 
@@ -73,7 +80,8 @@ def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
         layers = sorted(k for k in step["data"] if k.startswith("r3/router_disagree_layer/"))
         assert layers == [f"r3/router_disagree_layer/{i:02d}" for i in range(4)], layers
         assert step["data"]["r3/router_disagree_token"] >= step["data"]["r3/router_disagree"]
-        assert step["data"]["r3/routing_bytes_per_token"] > 0
+        # One byte per (token, layer, k): verl_agent_loop_routing_0_9 carries uint8 where verl carries int16.
+        assert step["data"]["r3/routing_bytes_per_token"] == _ids_per_token(setup)
         assert step["data"]["r3/metrics_seconds"] > 0 and 0 < step["data"]["r3/metrics_time_frac"] < 1
         assert not [k for k in step["data"] if "r3_stats" in k or k.startswith("actor/r3")]  # counts never logged
     # Every key the W&B dashboard plots is logged by a real run, and its per-layer regex finds the layers.
@@ -92,6 +100,7 @@ def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
 
 def test_r3_with_the_hf_rollout_engine(setup):
     r = _run(setup, "grpo_r3", "r3_hf", engine="hf")
+    assert _series(r, "r3/routing_bytes_per_token") == [_ids_per_token(setup)] * 2
     assert _series(r, "r3/replay_active_frac") == [1.0, 1.0]
     assert _series(r, "r3/router_disagree_replayed") == [0.0, 0.0]
 

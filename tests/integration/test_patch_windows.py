@@ -13,7 +13,7 @@ from patch_state import reverted  # noqa: E402
 
 pytest.importorskip("verl")
 
-PATCHES = ["verl_pg_backend_0_9", "verl_fsdp2_offload_cpu_0_9", "verl_tool_agent_loop_0_9"]
+PATCHES = ["verl_pg_backend_0_9", "verl_fsdp2_offload_cpu_0_9", "verl_tool_agent_loop_0_9", "verl_agent_loop_routing_0_9"]
 
 
 @pytest.fixture(params=PATCHES)

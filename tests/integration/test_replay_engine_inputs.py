@@ -57,6 +57,42 @@ def test_packed_and_padded_layouts_mark_each_samples_last_row_missing():
     assert (padded[0, 2] == MISSING).all() and (padded[1, 1:] == MISSING).all()
 
 
+@pytest.mark.parametrize("rmpad", [True, False], ids=["remove-padding", "padded"])
+def test_compact_routing_gives_the_same_dense_routing_as_verls_int16(rmpad):
+    # verl_r3 carries routing as uint8 (one byte per id) where verl carries int16: the dense
+    # routing of a micro-batch must be the same, ids up to 255 included.
+    lengths = [5, 1, 4]
+    values = torch.randint(0, 256, (sum(lengths), 3, 2), generator=torch.Generator().manual_seed(0))
+    values[0, 0] = torch.tensor([255, 0])
+    offsets = torch.tensor([0, 5, 6, 10])
+    ids = _jagged(lengths)
+    dense = {dtype: micro_batch_routing(torch.nested.nested_tensor_from_jagged(values.to(dtype), offsets=offsets),
+                                        ids, remove_padding=rmpad, pad_size=3 if rmpad else 0,
+                                        moe_layers=frozenset({0, 2}))
+             for dtype in (torch.uint8, torch.int16, torch.int32)}
+    assert dense[torch.uint8].dtype == dense[torch.int16].dtype == torch.int16 and dense[torch.int32].dtype == torch.int32
+    assert torch.equal(dense[torch.uint8], dense[torch.int16]) and torch.equal(dense[torch.uint8].int(), dense[torch.int32])
+    assert int(dense[torch.uint8].max()) == 255 and (dense[torch.uint8][..., 1, :] == MISSING).all()
+
+
+def test_int8_replay_routing_of_a_128_expert_model_and_ids_that_do_not_fit():
+    from verl_r3.core.record import narrow_dtype
+
+    assert narrow_dtype(128) == torch.int8 and narrow_dtype(129) == torch.int16 and narrow_dtype(256) == torch.int16
+    values = torch.tensor([0, 127, 5, 64, 1, 2], dtype=torch.uint8).view(3, 1, 2)
+    offsets = torch.tensor([0, 2, 3])
+    routed = torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+    dense = micro_batch_routing(routed, _jagged([2, 1]), remove_padding=True, dtype=torch.int8)
+    assert dense.dtype == torch.int8 and dense[0, 0].tolist() == [[0, 127]] and (dense[0, 1:] == MISSING).all()
+    values[2, 0, 1] = 200  # sample 1: routing of a model with more experts
+    with pytest.raises(ValueError, match="sample 1 of the micro-batch holds expert id 200"):
+        micro_batch_routing(routed, _jagged([2, 1]), remove_padding=True, dtype=torch.int8)
+    # A micro-batch picked from a larger batch by sample index: only its samples are read.
+    picked = micro_batch_routing(routed, _jagged([2]), remove_padding=True, dtype=torch.int8,
+                                 samples=torch.tensor([0]))
+    assert torch.equal(picked, dense[:, :2])
+
+
 def test_layers_without_a_router_become_missing_whatever_the_engine_wrote():
     # vLLM reports every decoder layer and leaves zeros (duplicate ids) in dense ones.
     ids = _jagged([3, 2])

@@ -29,6 +29,12 @@ experts x top-k, which is all that replay touches) and shrink only the dense ari
 the replay overhead is *relatively* larger there and a ratio measured at these sizes is
 conservative. Pass ``hidden=512, moe_intermediate=256`` for the original shape.
 
+``remove_padding=True`` packs the sequences into one row ``[1, tokens]`` with position ids
+restarting at each sequence, the layout verl's ``use_remove_padding`` feeds the model (replay
+then routes ``[1, tokens, L, K]``). SDPA attends over the packed row as one causal sequence,
+where verl's flash-attention kernels stop at each sequence's end; the MoE layers, the routing
+and everything replay does are the same.
+
 Timings on a shared machine are noisy: another process on the same cores can slow a
 multi-threaded step several-fold (OpenMP threads spin-wait for a descheduled peer), and on
 2 cores two-thread steps vary by +-10% run to run, which swamps a 2% target. ``threads``
@@ -97,13 +103,13 @@ def _build(layers: int, experts: int, top_k: int, hidden: int, moe_intermediate:
     return model.train()
 
 
-def _step(model, ids: torch.Tensor, block=contextlib.nullcontext) -> tuple[float, float]:
+def _step(model, ids: torch.Tensor, block=contextlib.nullcontext, position_ids=None) -> tuple[float, float]:
     """One forward + backward inside ``block()`` (entering it, validation included, is timed);
     returns (seconds, loss)."""
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
     with block():
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, position_ids=position_ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
     seconds = time.perf_counter() - start
@@ -123,8 +129,10 @@ def run(
     warmup: int = 1,
     seed: int = 0,
     threads: int | None = 1,
+    remove_padding: bool = False,
 ) -> dict:
     """Time forward + backward with native and replayed routing; see the module docstring."""
+    from verl_r3.core.record import narrow_dtype
     from verl_r3.core.replay import RouterReplay
 
     if threads is not None:
@@ -138,11 +146,15 @@ def run(
     model = _build(layers, experts, top_k, hidden, moe_intermediate, seed)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator)
+    position_ids = None
+    if remove_padding:  # verl's use_remove_padding: one packed row, positions restarting per sequence
+        ids = ids.reshape(1, batch * seq)
+        position_ids = torch.arange(seq).repeat(batch).unsqueeze(0)
 
     rr = RouterReplay(model)
     with torch.no_grad(), rr.record() as rec:
-        model(input_ids=ids)
-    routed = rec.routed_experts
+        model(input_ids=ids, position_ids=position_ids)
+    routed = rec.routed_experts.to(narrow_dtype(experts))  # the dtype the FSDP engine replays in
     rr.remove()
 
     times: dict[str, list[float]] = {"unbound": [], "native": [], "replay": []}
@@ -151,17 +163,17 @@ def run(
     for round_ in range(warmup + repeats):
         timed = round_ >= warmup
         # unbound: the model as if RouterReplay never existed
-        seconds, loss = _step(model, ids)
+        seconds, loss = _step(model, ids, position_ids=position_ids)
         if timed:
             times["unbound"].append(seconds)
             losses["unbound"].append(loss)
         rr = RouterReplay(model)
         try:
-            seconds, loss = _step(model, ids)  # bound, idle
+            seconds, loss = _step(model, ids, position_ids=position_ids)  # bound, idle
             if timed:
                 times["native"].append(seconds)
                 losses["native"].append(loss)
-            seconds, loss = _step(model, ids, lambda: rr.replay(routed))
+            seconds, loss = _step(model, ids, lambda: rr.replay(routed), position_ids=position_ids)
             stats = rr.stats
             if timed:
                 times["replay"].append(seconds)
@@ -186,6 +198,7 @@ def run(
             "batch": batch,
             "seq": seq,
             "dtype": "float32",
+            "remove_padding": remove_padding,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
         },

@@ -58,7 +58,9 @@ __all__ = [
     "MISSING",
     "UINT16_MISSING",
     "RoutingRecord",
+    "compact_rows",
     "dense_dtype",
+    "narrow_dtype",
     "storage_dtype",
     "validate_routing",
 ]
@@ -80,6 +82,34 @@ def storage_dtype(num_experts: int) -> torch.dtype:
 def dense_dtype(num_experts: int) -> torch.dtype:
     """Narrowest signed dtype of dense routing that verl's batches also use (int16 when it fits)."""
     return torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def narrow_dtype(num_experts: int) -> torch.dtype:
+    """Narrowest signed dtype holding every id of ``num_experts`` experts and -1: ``int8`` up to
+    128 experts (Qwen3-MoE, OLMoE, Mixtral), else :func:`dense_dtype`. What the FSDP engine
+    replays a micro-batch in."""
+    return torch.int8 if num_experts <= torch.iinfo(torch.int8).max + 1 else dense_dtype(num_experts)
+
+
+def compact_rows(routed: torch.Tensor) -> torch.Tensor:
+    """Engine rows ``[..., K]`` in the narrowest dtype that holds every value exactly.
+
+    ``uint8`` when all values lie in ``[0, 256)`` (any model with at most 256 experts whose
+    engine writes zeros, not -1, in layers without MoE: vLLM, SGLang, verl_r3's ``hf`` engine);
+    otherwise ``int16``, or ``int32`` past its range. Lossless: which rows are missing and which
+    layers have no router is decided where the rows are replayed, not here. The carriage form
+    of routing in verl's batches (``verl_r3.patches.verl_agent_loop_routing_0_9``).
+    """
+    if routed.dtype == torch.uint8:
+        return routed
+    if routed.numel() == 0:
+        return routed.to(torch.uint8)
+    low, high = (int(v) for v in torch.aminmax(routed))
+    if low >= 0 and high <= 255:
+        return routed.to(torch.uint8)
+    if torch.iinfo(torch.int16).min <= low and high <= torch.iinfo(torch.int16).max:
+        return routed.to(torch.int16)
+    return routed.to(torch.int32)
 
 
 def _where(index: tuple[int, ...], sample: int | None, batched: bool) -> str:
@@ -139,27 +169,51 @@ def validate_routing(
     if routed.numel() == 0:
         return
     batched = routed.dim() == 4
-    missing_slot = routed == MISSING
-    missing_row = missing_slot.all(dim=-1)
-    checks: list[tuple[str, torch.Tensor]] = [
-        ("negative id other than the missing marker -1", routed < MISSING),
-        (f"expert id >= num_experts={num_experts}", routed >= num_experts),
-        ("row partly -1 (a missing row must be -1 in all K slots)", missing_slot.any(dim=-1) & ~missing_row),
-    ]
-    sorted_ids = routed.sort(dim=-1).values
-    dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]) & (sorted_ids[..., 1:] != MISSING)
-    checks.append(("duplicate expert ids within one row", dup.any(dim=-1)))
+    rows = routed.reshape(-1, num_layers, top_k)  # a view for contiguous routing
+    dense = None
     if moe_layers is not None:
         dense = torch.tensor([layer not in moe_layers for layer in range(num_layers)], device=routed.device)
+    # Row chunks bound the checks' temporaries (a sort's int64 indices among them) to a few MB
+    # whatever the batch; the flags stay on the device until one read at the end.
+    chunk = max(1, _VALIDATE_CHUNK_IDS // (num_layers * top_k))
+    flags = None
+    for begin in range(0, rows.shape[0], chunk):
+        found = torch.stack([mask.any() for _, mask in _routing_checks(rows[begin:begin + chunk], num_experts, dense)])
+        flags = found if flags is None else flags | found
+    if not bool(flags.any()):
+        return
+    width = routed.shape[1] if batched else None
+    for begin in range(0, rows.shape[0], chunk):
+        part = rows[begin:begin + chunk]
+        for cause, mask in _routing_checks(part, num_experts, dense):
+            if bool(mask.any()):
+                r, layer = mask.nonzero()[0].tolist()[:2]
+                r += begin
+                index = (*divmod(r, width), layer) if batched else (r, layer)
+                raise ValueError(f"{what}: {_where(index, sample, batched)}: {cause}; row is {rows[r, layer].tolist()}")
+
+
+#: Ids validated at once (each costs about 13 bytes of temporaries).
+_VALIDATE_CHUNK_IDS = 1 << 18
+
+
+def _routing_checks(rows: torch.Tensor, num_experts: int, dense: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
+    """(cause, bool [rows, L] mask) of every contract violation in ``rows`` ``[R, L, K]``, in the order reported."""
+    missing_slot = rows == MISSING
+    missing_row = missing_slot.all(dim=-1)
+    checks = [
+        ("negative id other than the missing marker -1", (rows < MISSING).any(dim=-1)),
+        (f"expert id >= num_experts={num_experts}", (rows >= num_experts).any(dim=-1)),
+        ("row partly -1 (a missing row must be -1 in all K slots)", missing_slot.any(dim=-1) & ~missing_row),
+    ]
+    sorted_ids = rows.sort(dim=-1).values
+    dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]) & (sorted_ids[..., 1:] != MISSING)
+    checks.append(("duplicate expert ids within one row", dup.any(dim=-1)))
+    if dense is not None:
         checks.append(
             ("expert ids in a layer without MoE (routing from another model or wrong layer map)", ~missing_row & dense)
         )
-    flags = torch.stack([mask.any() for _, mask in checks]).tolist()
-    for (cause, mask), bad in zip(checks, flags):
-        if bad:
-            index = tuple(mask.nonzero()[0].tolist())
-            row = routed[index[: routed.dim() - 1]].tolist()
-            raise ValueError(f"{what}: {_where(index, sample, batched)}: {cause}; row is {row}")
+    return checks
 
 
 @dataclass(frozen=True, eq=False)

@@ -129,8 +129,7 @@ class _Forward:
 
     shape: tuple[int, int] | None
     consumed: set[int] = field(default_factory=set)  # layers routed in this forward
-    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # native idx_NK per layer
-    used: dict[int, torch.Tensor] = field(default_factory=dict)  # idx_NK handed to the experts (replay)
+    native: torch.Tensor | None = None  # [B, T, L, K] native top-k, written layer by layer (one allocation)
 
 
 class RecordHandle:
@@ -150,9 +149,19 @@ class RecordHandle:
 class ReplayHandle:
     """What ``rr.replay()`` yields."""
 
-    def __init__(self) -> None:
-        self.native_experts: torch.Tensor | None = None  # trainer's own top-k, last forward, [B, T, L, K]
-        self.used_experts: torch.Tensor | None = None  # what the experts received, last forward, [B, T, L, K]
+    def __init__(self, routed: torch.Tensor) -> None:
+        self._routed = routed
+        self.native_experts: torch.Tensor | None = None  # trainer's own top-k, last forward, [B, T, L, K], routed's dtype
+
+    @property
+    def used_experts(self) -> torch.Tensor | None:
+        """What the experts received in the last forward, ``[B, T, L, K]``: the replayed routing, and
+        the native top-k where it was missing (the fallback). Computed when asked (not stored)."""
+        native = self.native_experts
+        if native is None:
+            return None
+        routed = self._routed.to(device=native.device, dtype=native.dtype)
+        return torch.where((routed == MISSING).all(dim=-1, keepdim=True), native, routed)
 
 
 class RouterReplay:
@@ -184,7 +193,6 @@ class RouterReplay:
         self.moe_layers = frozenset(layer.index for layer in self.layers)
         self.mode = Mode.OFF
         self._routed: torch.Tensor | None = None
-        self._targets: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._forward: _Forward | None = None
         self._handle: RecordHandle | ReplayHandle | None = None
         self._counts = _Counts(Mode.OFF, self.num_layers)
@@ -294,14 +302,13 @@ class RouterReplay:
                 moe_layers=self.moe_layers,
                 what="rr.replay routing",
             )
-        handle = ReplayHandle()
+        handle = ReplayHandle(routed)
         self._routed = routed
         try:
             with self._block(Mode.REPLAY, handle):
                 yield handle
         finally:
             self._routed = None
-            self._targets = {}
 
     @contextlib.contextmanager
     def _block(self, mode: Mode, handle) -> Iterator[None]:
@@ -356,28 +363,29 @@ class RouterReplay:
                 "replay would be a silent no-op"
             )
         self._counts.forwards += 1
-        shape = fwd.shape or (1, next(iter(fwd.chosen.values())).shape[0])
         if self.mode is Mode.RECORD:
-            self._handle.forwards.append(self._dense(fwd.chosen, shape))
+            self._handle.forwards.append(fwd.native)
         else:
-            self._handle.native_experts = self._dense(fwd.chosen, shape)
-            self._handle.used_experts = self._dense(fwd.used, shape)
+            self._handle.native_experts = fwd.native
 
-    def _dense(self, per_layer: dict[int, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        """``[B, T, L, K]`` from per-layer ``[B*T, K]`` ids; layers without MoE hold -1."""
-        first = next(iter(per_layer.values()))
-        out = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=self._dtype, device=first.device)
-        for index, idx in per_layer.items():
-            out[:, :, index] = idx.view(*shape, self.top_k)
-        return out
+    def _keep_native(self, fwd: _Forward, index: int, idx_NK: torch.Tensor) -> None:
+        """Write a layer's native ``[B*T, K]`` ids into the forward's ``[B, T, L, K]`` routing (allocated
+        at its first layer; layers without MoE hold -1)."""
+        if fwd.native is None:
+            shape = fwd.shape or (1, idx_NK.shape[0])
+            # Under replay in the routing's own dtype (validated to hold every id); else the record dtype.
+            dtype = self._routed.dtype if self.mode is Mode.REPLAY else self._dtype
+            fwd.native = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=dtype,
+                                    device=idx_NK.device)
+        B, T = fwd.native.shape[:2]
+        fwd.native[:, :, index] = idx_NK.detach().view(B, T, self.top_k)
 
     def _layer_targets(self, layer: _Layer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._targets.get(layer.index)
-        if cached is None:
-            targets = self._routed[:, :, layer.index].reshape(-1, self.top_k).to(device=device, dtype=torch.long)
-            cached = (targets, (targets == MISSING).all(dim=-1))
-            self._targets[layer.index] = cached
-        return cached
+        """One layer's replay targets ``[B*T, K]`` (long) and missing rows ``[B*T]``: cut from the routing
+        when the layer runs (and again when a checkpoint recomputes it), never cached, so a block holds
+        no copy of the routing beyond the caller's tensor."""
+        targets = self._routed[:, :, layer.index].reshape(-1, self.top_k).to(device=device, dtype=torch.long)
+        return targets, (targets == MISSING).all(dim=-1)
 
     def _route(self, layer: _Layer, scores, weights, idx_NK):
         """Returns None (keep native) or the swapped ``(weights_NK, idx_NK)``."""
@@ -402,7 +410,7 @@ class RouterReplay:
                 raise RuntimeError(f"layer {layer.index} routed twice in one forward; replay targets are consumed once")
             fwd.consumed.add(layer.index)
             layer.last_mode = self.mode
-            fwd.chosen[layer.index] = idx_NK.detach().to(self._dtype)
+            self._keep_native(fwd, layer.index, idx_NK)
         else:
             self._counts.recomputed += 1
         if self.mode is Mode.RECORD:
@@ -419,7 +427,6 @@ class RouterReplay:
         gates_NK = self.family.gates(scores, chosen_NK, self.config)
         if not recompute:
             self._count_replay(layer.index, idx_NK, targets_NK, missing_N)
-            fwd.used[layer.index] = chosen_NK.detach().to(self._dtype)
         return gates_NK, chosen_NK
 
     def _count_replay(self, index: int, native_NK, targets_NK, missing_N) -> None:

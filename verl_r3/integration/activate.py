@@ -18,6 +18,8 @@ process it starts (driver, task runner, Ray workers). Importing this one:
   CPU device (``verl_r3.engines.sglang_engine.prepare_verl_rollout_on_cpu``);
 - keeps each turn's routing in verl's multi-turn tool agent loop
   (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's;
+- carries routing one byte per expert id through verl's v1 trainer for FSDP actors
+  (``verl_r3.patches.verl_agent_loop_routing_0_9``, applied when verl imports its v1 agent loop);
 - logs the ``r3/`` metrics of every step (``verl_r3.integration.step_metrics``): the FSDP
   engine counts, verl's v1 trainer (patched when it is imported) totals and logs.
 """
@@ -31,8 +33,9 @@ from verl_r3.integration.fsdp_cpu import register_cpu_engines
 from verl_r3.integration.fsdp_replay import register_replay_engines
 from verl_r3.integration import step_metrics
 from verl_r3.integration.hf_rollout import register_hf_rollout
+from verl_r3.integration.import_hooks import when_imported
 from verl_r3.integration.vllm_cpu import KV_CACHE_ENV, install_version_alias
-from verl_r3.patches import verl_tool_agent_loop_0_9
+from verl_r3.patches import verl_agent_loop_routing_0_9, verl_tool_agent_loop_0_9
 
 install_version_alias()
 if cpu_platform.is_selected():
@@ -47,4 +50,5 @@ if cpu_platform.is_selected():
 register_replay_engines()
 register_hf_rollout()
 verl_tool_agent_loop_0_9.apply()
+when_imported("verl.trainer.ppo.v1.agent_loop_tq", lambda _module: verl_agent_loop_routing_0_9.apply())
 step_metrics.install()

@@ -37,7 +37,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from verl_r3.core.record import MISSING
+from verl_r3.core.record import MISSING, narrow_dtype
 from verl_r3.core.replay import RouterReplay
 from verl_r3.integration import step_metrics
 
@@ -52,27 +52,18 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("disabled", "R2", "R3")
+#: Field added to the batch while the engine runs: each sample's index into the routing held aside.
+SAMPLE_INDEX_KEY = "r3_sample_index"
 
 
-def _valid_blocks(routed_nested: torch.Tensor, moe_layers: Collection[int] | None = None) -> torch.Tensor:
-    """Values ``[total, L, K]`` of a jagged routing tensor with each sample's last row missing, and
-    every layer outside ``moe_layers`` missing (engines fill layers without a router with zeros)."""
+def _check_jagged(routed_nested) -> None:
     if not (isinstance(routed_nested, torch.Tensor) and routed_nested.is_nested):
         raise ValueError(
             "routed_experts must be verl's jagged (nested) tensor of one [n, layers, top_k] block per sample, "
             f"got {type(routed_nested).__name__}"
         )
-    values = routed_nested.values().clone()
-    if values.dim() != 3:
-        raise ValueError(f"routed_experts blocks must be [n, layers, top_k], got values {tuple(values.shape)}")
-    if values.dtype not in (torch.int16, torch.int32, torch.int64):
-        values = values.to(torch.int32)
-    values[_last_rows(routed_nested.offsets())] = MISSING
-    if moe_layers is not None:
-        dense = [layer for layer in range(values.shape[1]) if layer not in moe_layers]
-        if dense:
-            values[:, dense] = MISSING
-    return values
+    if routed_nested.values().dim() != 3:
+        raise ValueError(f"routed_experts blocks must be [n, layers, top_k], got values {tuple(routed_nested.values().shape)}")
 
 
 def _last_rows(offsets: torch.Tensor) -> torch.Tensor:
@@ -82,39 +73,100 @@ def _last_rows(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def _layout_like_input(values: torch.Tensor, offsets: torch.Tensor, *, remove_padding: bool, pad_size: int,
-                       fill: int) -> torch.Tensor:
+                       fill: int, dtype: torch.dtype | None = None, samples: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token ``values`` of a jagged batch laid out like verl's model input for a micro-batch:
     packed into ``[1, total + pad_size, ...]`` with ``use_remove_padding``, else right-padded
-    ``[B, T, ...]``; ``fill`` goes in the padding."""
+    ``[B, T, ...]``; ``fill`` goes in the padding. ``samples``, when given, picks (in order) the
+    samples of the jagged batch that form the micro-batch. One allocation of ``dtype`` (default:
+    the values'), which the values are cast into as they are copied."""
+    dtype = dtype or values.dtype
+    offsets = offsets.cpu().to(torch.long)
+    starts, lengths = offsets[:-1], offsets.diff()
+    if samples is not None:
+        picked = samples.cpu().to(torch.long)
+        starts, lengths = starts[picked], lengths[picked]
+    starts, lengths = starts.tolist(), lengths.tolist()
+    tail = values.shape[1:]
     if remove_padding:
-        pad = values.new_full((pad_size, *values.shape[1:]), fill)
-        return torch.cat([values, pad]).unsqueeze(0)
-    lengths = offsets.diff()
-    nested = torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
-    return torch.nested.to_padded_tensor(nested, padding=fill,
-                                         output_size=(len(lengths), int(lengths.max()), *values.shape[1:]))
+        total = sum(lengths)
+        out = torch.full((1, total + pad_size, *tail), fill, dtype=dtype, device=values.device)
+        if samples is None and starts and starts[0] == 0:
+            out[0, :total] = values[:total]  # the micro-batch is the whole jagged batch: one copy
+        else:
+            pos = 0
+            for start, n in zip(starts, lengths):
+                out[0, pos:pos + n] = values[start:start + n]
+                pos += n
+        return out
+    out = torch.full((len(lengths), max(lengths, default=0), *tail), fill, dtype=dtype, device=values.device)
+    for b, (start, n) in enumerate(zip(starts, lengths)):
+        out[b, :n] = values[start:start + n]
+    return out
 
 
 def micro_batch_routing(
     routed_nested: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool, pad_size: int = 0,
-    moe_layers: Collection[int] | None = None,
+    moe_layers: Collection[int] | None = None, samples: torch.Tensor | None = None, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dense ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
+    """Dense signed ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
 
-    Rows of layers outside ``moe_layers`` (dense layers) become ``MISSING`` whatever the engine
-    wrote there: vLLM's capture reports every decoder layer and leaves zeros in dense ones."""
-    lengths = input_ids_nested.offsets().diff()
-    routed_lengths = routed_nested.offsets().diff()
-    if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths.cpu(), lengths.cpu()):
-        bad = (routed_lengths.cpu() != lengths.cpu()).nonzero()
+    ``routed_nested`` holds one ``[n, L, K]`` block per sample: of the micro-batch itself, or,
+    with ``samples`` (the micro-batch's sample indices into it), of the whole batch the engine
+    was called with, so the routing is never split into per-micro-batch copies. The carried
+    blocks (``uint8`` as ``verl_r3.patches.verl_agent_loop_routing_0_9`` stores them, or verl's
+    ``int16``) are cast into one tensor of ``dtype`` (default ``int16``, ``int32`` for wider input;
+    the engine passes ``narrow_dtype`` of the model, ``int8`` up to 128 experts), the only routing
+    allocation of the micro-batch. Each sample's last row is ``MISSING`` (the engine reports none
+    for the last token; verl zero-fills it), and so are the rows of layers outside ``moe_layers``
+    (dense layers) whatever the engine wrote there: vLLM's capture reports every decoder layer
+    and leaves zeros in dense ones."""
+    _check_jagged(routed_nested)
+    offsets = routed_nested.offsets().cpu().to(torch.long)
+    values = routed_nested.values()[int(offsets[0]):]
+    offsets = offsets - offsets[0]
+    routed_lengths = offsets.diff()
+    if samples is not None:
+        routed_lengths = routed_lengths[samples.cpu().to(torch.long)]
+    lengths = input_ids_nested.offsets().diff().cpu()
+    if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths, lengths):
+        bad = (routed_lengths != lengths).nonzero() if routed_lengths.shape == lengths.shape else torch.tensor([0])
         sample = int(bad[0]) if bad.numel() else 0
         raise ValueError(
             f"routed_experts does not fit the batch: sample {sample} has "
             f"{int(routed_lengths[sample]) if sample < routed_lengths.numel() else 'no'} routing rows for "
             f"{int(lengths[sample])} tokens"
         )
-    return _layout_like_input(_valid_blocks(routed_nested, moe_layers), routed_nested.offsets(), remove_padding=remove_padding,
-                              pad_size=pad_size, fill=MISSING)
+    if values.dtype in (torch.uint8, torch.int8, torch.int16):
+        widest = torch.int16
+    elif values.dtype in (torch.int32, torch.int64, torch.uint16):
+        widest = torch.int32
+    else:
+        raise ValueError(f"routed_experts must hold integers, got {values.dtype}")
+    dtype = dtype or widest
+    if torch.iinfo(dtype).max < torch.iinfo(values.dtype).max:  # narrowing: no id may wrap around
+        starts = offsets[:-1] if samples is None else offsets[:-1][samples.cpu().to(torch.long)]
+        for b, (start, n) in enumerate(zip(starts.tolist(), routed_lengths.tolist())):
+            if n and int(values[start:start + n].max()) > torch.iinfo(dtype).max:
+                raise ValueError(
+                    f"routed_experts: sample {b} of the micro-batch holds expert id "
+                    f"{int(values[start:start + n].max())}, more than a model with {torch.iinfo(dtype).max + 1} or "
+                    "fewer experts has (routing from a different model?)"
+                )
+    out = _layout_like_input(values, offsets, remove_padding=remove_padding, pad_size=pad_size, fill=MISSING,
+                             dtype=dtype, samples=samples)
+    rows = out.view(-1, *out.shape[2:])
+    mb_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.to(torch.long).cumsum(0)])
+    if remove_padding:
+        rows[_last_rows(mb_offsets)] = MISSING
+    else:
+        width = out.shape[1]
+        last = [b * width + n - 1 for b, n in enumerate(lengths.tolist()) if n > 0]
+        rows[torch.tensor(last, dtype=torch.long)] = MISSING
+    if moe_layers is not None:
+        dense = [layer for layer in range(values.shape[1]) if layer not in moe_layers]
+        if dense:
+            out[:, :, dense] = MISSING
+    return out
 
 
 def router_replay_mode(engine_config) -> str:
@@ -203,11 +255,19 @@ class RouterReplayEngineMixin:
         # replayed, fallback, disagree, recomputed for replay; forwards, recorded for record).
         self.router_replay_stats = {}
         self._rr_phase = self._phase(data, forward_only)
+        self._rr_routing = None
+        if self._rr_phase in ("replay", "observe"):
+            # verl splits every field of the batch into micro-batch copies before the first forward;
+            # the routing stays here once and each micro-batch's rows are cut from it by sample index.
+            self._rr_routing = data["routed_experts"]
+            data = data.exclude("routed_experts")
+            data[SAMPLE_INDEX_KEY] = torch.arange(len(data), device=self._rr_routing.values().device)
         try:
             return super().forward_backward_batch(data, loss_function, forward_only)
         finally:
             self._close_block()
             self._rr_phase = None
+            self._rr_routing = None
 
     def forward_step(self, micro_batch, loss_function, forward_only):
         self._close_block()  # the previous micro-batch's backward has run by now
@@ -226,9 +286,10 @@ class RouterReplayEngineMixin:
         pad_size = self._get_packed_pad_size(int(micro_batch["input_ids"].offsets()[-1])) if remove_padding else 0
         routed = None
         if phase != "record":
-            routed = micro_batch_routing(micro_batch["routed_experts"], micro_batch["input_ids"],
-                                         remove_padding=remove_padding, pad_size=pad_size,
-                                         moe_layers=self._rr.moe_layers)
+            samples = micro_batch[SAMPLE_INDEX_KEY]
+            routed = micro_batch_routing(self._rr_routing, micro_batch["input_ids"], remove_padding=remove_padding,
+                                         pad_size=pad_size, moe_layers=self._rr.moe_layers, samples=samples,
+                                         dtype=narrow_dtype(self._rr.num_experts))
         if phase == "replay":
             self._rr_block = self._rr.replay(routed)
         else:
@@ -243,14 +304,15 @@ class RouterReplayEngineMixin:
             )
         else:
             native = handle.native_experts if phase == "replay" else handle.routed_experts
-            used = handle.used_experts if phase == "replay" else native
+            used = None if phase == "replay" else native  # None: replayed rows, native where missing
             mask = _layout_like_input(_response_rows(micro_batch), micro_batch["input_ids"].offsets(),
                                       remove_padding=remove_padding, pad_size=pad_size, fill=0)
             stats.update(step_metrics.routing_stats(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
                                                     replayed=phase == "replay"))
-            carried = micro_batch["routed_experts"]
-            stats["routing_bytes"] = float(carried.values().numel() * carried.values().element_size())
-            stats["routing_tokens"] = float(carried.offsets()[-1])
+            carried = self._rr_routing.values()
+            tokens = int(micro_batch["input_ids"].offsets()[-1] - micro_batch["input_ids"].offsets()[0])
+            stats["routing_bytes"] = float(tokens * carried[0].numel() * carried.element_size())
+            stats["routing_tokens"] = float(tokens)
         self._add_stats(output, forward_only, stats, started)
         return loss, output
 

@@ -46,6 +46,7 @@ from collections import defaultdict
 import torch
 
 from verl_r3 import keys
+from verl_r3.core.record import MISSING
 from verl_r3.core.metrics import (
     DEFAULT_TAUS,
     mismatch_from_sums,
@@ -91,16 +92,34 @@ def _padded(t: torch.Tensor, shape, fill) -> torch.Tensor:
     return out
 
 
-def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor, token_mask: torch.Tensor,
+#: (token, layer, k) ids counted at once by routing_stats: its temporaries stay a few MB.
+_CHUNK_IDS = 1 << 18
+
+
+def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor | None, token_mask: torch.Tensor,
                   moe_layers, *, replayed: bool) -> dict[str, float]:
     """Routing counts of one micro-batch over (response token, MoE layer) pairs.
 
     ``routed`` is the rollout's routing, ``native`` the trainer's own top-k, ``used`` what the
-    experts received (``native`` when nothing is replayed), all ``[B, T, L, K]`` over every
-    decoder layer; ``token_mask`` ``[B, T]`` selects response tokens. Per-layer counts are
-    keyed by the decoder layer index."""
+    experts received (``native`` when nothing is replayed; ``None``: the replayed routing, with
+    ``native`` where ``routed`` is missing, as ``rr.replay`` routes), all ``[B, T, L, K]`` over
+    every decoder layer; ``token_mask`` ``[B, T]`` selects response tokens. Per-layer counts are
+    keyed by the decoder layer index. Counted in row chunks, so no full-size copy is made."""
     layers = sorted(moe_layers)
-    sums = routing_sums(routed[:, :, layers], native[:, :, layers], token_mask.bool(), used=used[:, :, layers])
+    num_layers, k = routed.shape[-2:]
+    every_layer = layers == list(range(num_layers))
+    rows = [None if t is None else t.reshape(-1, num_layers, k) for t in (routed, native, used)]
+    mask = token_mask.bool().reshape(-1)
+    chunk = max(1, _CHUNK_IDS // max(1, num_layers * k))
+    sums: dict = {}
+    for begin in range(0, rows[0].shape[0], chunk):
+        r, n, u = (None if t is None else (t[begin:begin + chunk] if every_layer else t[begin:begin + chunk, layers])
+                   for t in rows)
+        if u is None:
+            r_n = r.to(n.dtype)
+            u = torch.where((r_n == MISSING).all(dim=-1, keepdim=True), n, r_n)
+        for key, value in routing_sums(r, n, mask[begin:begin + chunk], used=u).items():
+            sums[key] = value if key not in sums else sums[key] + value
     pairs = float(sums["pairs_L"].sum())
     out = {
         "pairs": pairs,
