@@ -53,6 +53,13 @@ def test_bench_replay_json_subprocess():
     _check_result(json.loads(proc.stdout))
 
 
+def test_bench_replay_remove_padding_packs_one_row(capsys):
+    assert main(["bench", "replay", "--json", "--remove-padding", *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_result(result)
+    assert result["shape"]["remove_padding"] is True
+
+
 def test_bench_replay_table(capsys):
     assert main(["bench", "replay", *TINY[:-2], "--repeats", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out
