@@ -22,6 +22,14 @@ Routing of a micro-batch
     so it is marked missing and that token falls back to native routing (its logits are not
     trained). With ``use_remove_padding`` the blocks are packed like the input ids (plus
     missing rows for verl's static pad); without it they are right-padded with missing rows.
+    The blocks arrive as ``uint8`` for models with up to 256 experts
+    (``verl_r3.patches.verl_agent_loop_routing_0_9``) or as verl's ``int16``.
+
+    verl splits every field of a call's batch into micro-batch copies before the first forward.
+    The routing is taken out of the batch first and kept once; a per-sample index
+    (``SAMPLE_INDEX_KEY``) travels through verl's split instead, and each micro-batch's rows are
+    copied from the kept routing straight into one dense tensor of ``narrow_dtype`` (``int8`` up to
+    128 experts), the only routing allocation of the micro-batch (``verl-r3 bench memory``).
 
 Backward and checkpointing
     verl runs a micro-batch's backward after ``forward_step`` returns, so the replay block
