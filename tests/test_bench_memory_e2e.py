@@ -57,7 +57,7 @@ def test_memory_cli_paper_shape(capsys):
 
 def test_e2e_runs_both_sides_and_reports_verls_step_timings(tmp_path, capsys):
     assert main(["bench", "e2e", "--json", "--runs", "1", "--steps", "3", "--skip", "1", "--prompts", "4",
-                 "--samples", "2", "--out", str(tmp_path), "--timeout", "420"]) == 0
+                 "--samples", "2", "--engine", "hf", "--out", str(tmp_path), "--timeout", "420"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert [len(r["step_s"][side]) for side in ("grpo", "grpo_r3")] == [2, 2]
     assert r["ratio"] == pytest.approx(r["medians"]["grpo_r3"]["timing_s/step"] / r["medians"]["grpo"]["timing_s/step"])
