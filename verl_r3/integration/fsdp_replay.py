@@ -151,14 +151,18 @@ def micro_batch_routing(
     else:
         raise ValueError(f"routed_experts must hold integers, got {values.dtype}")
     dtype = dtype or widest
-    if torch.iinfo(dtype).max < torch.iinfo(values.dtype).max:  # narrowing: no id may wrap around
+    limit = torch.iinfo(dtype).max
+    if limit < torch.iinfo(values.dtype).max:  # narrowing: no id may wrap around
         starts = offsets[:-1] if samples is None else offsets[:-1][samples.cpu().to(torch.long)]
-        for b, (start, n) in enumerate(zip(starts.tolist(), routed_lengths.tolist())):
-            if n and int(values[start:start + n].max()) > torch.iinfo(dtype).max:
+        blocks = [(b, start, n) for b, (start, n) in enumerate(zip(starts.tolist(), routed_lengths.tolist())) if n]
+        if blocks:  # one maximum per sample, read back once
+            peaks = torch.stack([values[start:start + n].amax() for _, start, n in blocks]).tolist()
+            over = [(b, peak) for (b, _, _), peak in zip(blocks, peaks) if peak > limit]
+            if over:
+                b, peak = over[0]
                 raise ValueError(
-                    f"routed_experts: sample {b} of the micro-batch holds expert id "
-                    f"{int(values[start:start + n].max())}, more than a model with {torch.iinfo(dtype).max + 1} or "
-                    "fewer experts has (routing from a different model?)"
+                    f"routed_experts: sample {b} of the micro-batch holds expert id {peak}, more than a model "
+                    f"with {limit + 1} or fewer experts has (routing from a different model?)"
                 )
     out = _layout_like_input(values, offsets, remove_padding=remove_padding, pad_size=pad_size, fill=MISSING,
                              dtype=dtype, samples=samples)
