@@ -232,8 +232,14 @@ def test_verl_batch_rows_override():
     num_layers, top_k, num_experts = 3, 2, 8
     experts = _routing(5, num_layers, top_k, num_experts, seed=6)
     routed_BSLK, mask_BS = _verl_batch([(3, 6, experts)], 4, 6, num_layers, top_k)
-    with pytest.raises(ValueError, match="sample 0, row 5, layer 0: duplicate expert ids"):
-        from_verl_batch(routed_BSLK, mask_BS, num_experts)
+    # verl's zero rows are rows the engine did not return: missing, not expert 0 twice
+    (whole,) = from_verl_batch(routed_BSLK, mask_BS, num_experts)
+    assert whole.rows == 8 and whole.missing_mask()[5:].all() and not whole.missing_mask()[:5].any()
+    assert torch.equal(whole.to_dense(dtype=torch.int32)[:5], experts)
+    duplicated = routed_BSLK.clone()
+    duplicated[0, 1 + 2, 1] = 4  # a real row with one id twice (the first valid position is 1)
+    with pytest.raises(ValueError, match="sample 0, row 2, layer 1: duplicate expert ids"):
+        from_verl_batch(duplicated, mask_BS, num_experts)
     (record,) = from_verl_batch(routed_BSLK, mask_BS, num_experts, rows=[5])
     assert torch.equal(record.to_dense(dtype=torch.int32), experts)
     with pytest.raises(ValueError, match=r"sample 0: rows=10 outside \[0, 9\]"):
@@ -340,8 +346,13 @@ def test_nested_rows_and_errors():
     assert torch.equal(short[0].to_dense(dtype=torch.int32), routed[0][:2])
     with pytest.raises(ValueError, match=r"sample 1: rows=8 outside \[0, 7\]"):
         from_nested(nested, num_experts, rows=[4, 8])
-    with pytest.raises(ValueError, match=r"sample 1, row 6, layer 0: duplicate expert ids"):
-        from_nested(nested, num_experts, rows=[4, 7])
+    zero_row = from_nested(nested, num_experts, rows=[4, 7])[1]  # verl's zero row: missing
+    assert zero_row.rows == 7 and zero_row.missing_mask()[6].all() and not zero_row.missing_mask()[:6].any()
+    duplicated = values.clone()
+    duplicated[5 + 2, 0] = torch.tensor([3, 3, 5])
+    with pytest.raises(ValueError, match=r"sample 1, row 2, layer 0: duplicate expert ids"):
+        from_nested(torch.nested.nested_tensor_from_jagged(duplicated.to(torch.int16), offsets=torch.tensor([0, 5, 12])),
+                    num_experts)
     with pytest.raises(ValueError, match="nested"):
         from_nested(values, num_experts)
     with pytest.raises(ValueError, match=r"sample 0: routing covers positions \[0, 4\) but the sequence has 6"):

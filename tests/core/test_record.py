@@ -113,7 +113,8 @@ def test_validate_names_sample_row_and_layer_for_every_malformed_class():
     cases.append((base[:, :2], "2 layers but the model has num_hidden_layers=3"))
     cases.append((base[..., :1], "top_k 1 but the model routes each token to 2 experts"))
     cases.append((base[0, 0], "expected rank 3"))
-    cases.append((base.to(torch.uint8), "not a signed integer dtype .*RoutingRecord.to_dense"))
+    cases.append((base.to(torch.uint16), "not a signed integer dtype or uint8 .*RoutingRecord.to_dense"))
+    cases.append((base.float(), "not a signed integer dtype or uint8"))
     for routed, message in cases:
         with pytest.raises(ValueError, match=message):
             validate_routing(routed, **kw)
@@ -174,3 +175,53 @@ def test_validation_in_row_chunks_names_the_offending_sample_and_row(monkeypatch
     routed[1, 4, 0] = torch.tensor([0, 1])
     with pytest.raises(ValueError, match=r"sample 2, row 3, layer 1: duplicate expert ids within one row; row is \[3, 3\]"):
         validate_routing(routed, num_layers=2, top_k=2, num_experts=4)
+
+
+def test_packed_rows_are_named_by_sample_and_own_row():
+    # Three sequences of 4, 3 and 5 tokens packed into one row of 12 positions (B == 1).
+    starts = [0, 4, 7, 12]
+
+    def locate(flat_row):
+        b = max(i for i in range(3) if starts[i] <= flat_row)
+        return f"{b} (uid u{b})", flat_row - starts[b]
+
+    routed = torch.tensor([[0, 1], [2, 3]]).expand(1, 12, 2, 2).clone()
+    routed[0, 8, 1] = torch.tensor([5, 0])
+    with pytest.raises(ValueError, match=r"sample 2 \(uid u2\), row 1, layer 1: expert id >= num_experts=4"):
+        validate_routing(routed, num_layers=2, top_k=2, num_experts=4, locate=locate)
+
+
+def test_zero_rows_of_verls_layout_become_missing_only_where_they_cannot_be_routing():
+    from verl_r3.core.record import zero_rows_missing
+
+    routed = torch.tensor([[[0, 0], [0, 3]], [[2, 0], [0, 0]]], dtype=torch.int16)
+    assert zero_rows_missing(routed) is routed
+    assert routed.tolist() == [[[-1, -1], [0, 3]], [[2, 0], [-1, -1]]]
+    top1 = torch.zeros(3, 2, 1, dtype=torch.int16)  # with K == 1, zero is expert 0
+    assert zero_rows_missing(top1).eq(0).all()
+
+
+def test_uint8_routing_marks_missing_rows_with_zeros():
+    from verl_r3.core.record import missing_rows
+
+    base = _routing(6, 3, 2, 8, dense_layers=[1])
+    compact = base.clamp(min=0).to(torch.uint8)  # -1 rows (the dense layer) become zero rows
+    kw = dict(num_layers=3, top_k=2, num_experts=8, moe_layers=frozenset({0, 2}), sample=4)
+    validate_routing(compact, **kw)
+    assert torch.equal(missing_rows(compact), missing_rows(base))
+    r = compact.clone(); r[3, 0] = 0  # a missing row in a MoE layer: fine
+    validate_routing(r, **kw)
+    r = compact.clone(); r[3, 0] = torch.tensor([0, 5], dtype=torch.uint8)  # expert 0 is a real id
+    validate_routing(r, **kw)
+    bad = []
+    r = compact.clone(); r[2, 2] = torch.tensor([6, 6], dtype=torch.uint8); bad.append((r, "sample 4, row 2, layer 2: duplicate"))
+    r = compact.clone(); r[1, 0, 1] = 9; bad.append((r, "sample 4, row 1, layer 0: expert id >= num_experts=8"))
+    r = compact.clone(); r[0, 1, 0] = 3; bad.append((r, "sample 4, row 0, layer 1: expert ids in a layer without MoE"))
+    bad.append((compact[..., :1], "top_k 1 but the model"))
+    for routed, message in bad:
+        with pytest.raises(ValueError, match=message):
+            validate_routing(routed, **kw)
+    with pytest.raises(ValueError, match="uint8 routing marks a missing row with K zeros, which needs top_k >= 2"):
+        validate_routing(compact[..., :1], num_layers=3, top_k=1, num_experts=8)
+    with pytest.raises(ValueError, match="uint8 is too small for 300 experts"):
+        validate_routing(compact, num_layers=3, top_k=2, num_experts=300)

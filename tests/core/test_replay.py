@@ -317,8 +317,10 @@ def _bad_routings(routed, rr):
     r = routed.clone(); r[1, 7, 2, 1] = r[1, 7, 2, 0]; cases["duplicate"] = (r, r"sample 1, row 7, layer 2: duplicate")
     r = routed.clone(); r[0, 5, 0, 1] = MISSING; cases["partly missing"] = (r, r"sample 0, row 5, layer 0: row partly -1")
     r = routed.clone(); r[0, 1, 1] = torch.tensor([0, 1]); cases["dense layer"] = (r, r"sample 0, row 1, layer 1: expert ids in a layer without MoE")
-    cases["unsigned"] = (routed.to(torch.uint8), "not a signed integer dtype")
+    cases["uint16"] = (routed.to(torch.uint16), "not a signed integer dtype or uint8")
     cases["float"] = (routed.float(), "not a signed integer dtype")
+    # uint8 routing marks missing rows with zeros: a -1 cast to it is id 255, out of range.
+    cases["uint8 cast of -1"] = (routed.to(torch.uint8), r"sample 0, row 0, layer 1: expert id >= num_experts=8")
     cases["batch mismatch"] = (routed[:1], r"covers \[batch, positions\]=\(1, 10\) but the forward's input is \(2, 10\)")
     cases["length mismatch"] = (routed[:, :9], r"\(2, 9\) but the forward's input is \(2, 10\)")
     return cases
@@ -390,6 +392,39 @@ def test_replay_binds_to_its_own_model_instance():
     assert torch.equal(twin_out, twin_native)
     assert not torch.equal(model_out, twin_native)
     assert rr.stats["forwards"] == 1
+
+
+def test_uint8_routing_with_zero_rows_missing_replays_like_its_signed_form():
+    model, rr, ids, own = _bound_and_recorded()
+    foreign = _perturbed_routing(model, ids)
+    foreign[1, 3:5] = MISSING  # rows without routing: native there
+    compact = foreign.clamp(min=0).to(torch.uint8)  # missing rows (and the dense layer) become zero rows
+    with torch.no_grad():
+        with rr.replay(foreign) as signed:
+            expected = model(input_ids=ids).logits
+        signed_stats = rr.stats
+        with rr.replay(compact) as unsigned:
+            got = model(input_ids=ids).logits
+    assert torch.equal(got, expected)
+    assert rr.stats == signed_stats and rr.stats["fallback"] == 2 * 2 and rr.stats["disagree"] > 0
+    assert unsigned.native_experts.dtype == torch.uint8
+    assert torch.equal(unsigned.native_experts.to(torch.int16).clamp(min=0), signed.native_experts.clamp(min=0).to(torch.int16))
+    assert torch.equal(unsigned.used_experts.clamp(min=0).to(torch.int16), signed.used_experts.clamp(min=0).to(torch.int16))
+
+
+def test_a_replay_block_that_ran_only_another_instance_fails_when_it_closes():
+    model, rr, ids, own = _bound_and_recorded()
+    other = _model("qwen3_moe", 8, seed=1)  # a second instance of the same architecture
+    with pytest.raises(RuntimeError, match="no forward of the bound model ran inside the block"):
+        with torch.no_grad(), rr.replay(own):
+            other(input_ids=ids)
+    assert rr.mode.value == "off"
+    with pytest.raises(ZeroDivisionError):  # an error inside the block is the one reported
+        with rr.replay(own):
+            1 / 0
+    with torch.no_grad(), rr.replay(own) as handle:
+        model(input_ids=ids)
+    assert handle.replayed_layers == rr.moe_layers == frozenset({0, 2})
 
 
 def test_a_layer_that_bypasses_its_router_fails_loudly():

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from verl_r3.core.record import MISSING, RoutingRecord, dense_dtype
+from verl_r3.core.record import MISSING, RoutingRecord, dense_dtype, zero_rows_missing
 
 __all__ = [
     "from_nested",
@@ -231,9 +231,10 @@ def from_verl_batch(
 
     Sample ``b``'s record holds the rows of its first ``n - 1`` valid positions (``n`` valid
     tokens), start 0 relative to the first valid token; verl's zero rows (the last token's,
-    and padding) are never read. ``rows[b]`` (``<= n``) takes that many rows instead, e.g.
-    for multi-turn loops whose engine stopped recording before the last tool tokens (their
-    rows are zeros too, which the validator rejects as duplicate ids when ``K > 1``).
+    and padding) are never read, and zero rows among them (rows the engine did not return, e.g.
+    the tool tokens after a multi-turn engine stopped recording) are ``MISSING`` when ``K >= 2``
+    (``verl_r3.core.record``, "Routing in verl's batches"). ``rows[b]`` (``<= n``) takes that
+    many rows instead.
     """
     if routed_BSLK.dim() != 4 or tuple(routed_BSLK.shape[:2]) != tuple(attention_mask_BS.shape):
         raise ValueError(
@@ -245,7 +246,7 @@ def from_verl_batch(
     records = []
     for b, (first, r) in enumerate(zip(first_B, rows_B)):
         routed_NLK = _signed_tensor(routed_BSLK[b, first : first + r], num_experts, b, "routed_experts")
-        records.append(RoutingRecord.from_dense(routed_NLK, num_experts, sample=b))
+        records.append(RoutingRecord.from_dense(zero_rows_missing(routed_NLK.clone()), num_experts, sample=b))
     return records
 
 
@@ -282,7 +283,8 @@ def from_nested(
 ) -> list[RoutingRecord]:
     """verl's jagged ``routed_experts`` (component ``b`` has ``n`` rows for ``n`` valid
     tokens, the last one verl's zero row) -> one record per sample of its first ``n - 1``
-    rows, or ``rows[b]`` rows when given."""
+    rows, or ``rows[b]`` rows when given; zero rows among them are ``MISSING`` as in
+    :func:`from_verl_batch`."""
     if not (isinstance(routed_nested, torch.Tensor) and routed_nested.is_nested):
         raise ValueError("routed_experts must be a nested (jagged) tensor")
     if routed_nested.layout != torch.jagged:
@@ -298,7 +300,7 @@ def from_nested(
     records = []
     for b, (lo, r) in enumerate(zip(offsets[:-1], rows_B)):
         routed_NLK = _signed_tensor(values_NLK[lo : lo + r], num_experts, b, "routed_experts")
-        records.append(RoutingRecord.from_dense(routed_NLK, num_experts, sample=b))
+        records.append(RoutingRecord.from_dense(zero_rows_missing(routed_NLK.clone()), num_experts, sample=b))
     return records
 
 

@@ -19,6 +19,10 @@ Dense routing (what replay consumes and record produces)
 * ``MISSING`` (-1) in *all* K slots means "no routing recorded for this token in this
   layer": replay falls back to the trainer's native top-k for exactly that (token, layer)
   and counts it. A row that is only partly -1 is malformed.
+* Dense routing may also be ``uint8`` (models with at most 256 experts and ``K >= 2``): then
+  a row of ``K`` zeros is the missing row (distinct ids make it impossible as routing), the
+  convention of verl's batches below. What verl_r3's FSDP engine replays, at one byte per id
+  whatever the expert count. ``missing_rows`` reads either form.
 
 Alignment with rollout engines
 ------------------------------
@@ -32,6 +36,15 @@ generation while its routing was not).
 
 A record may start at a row offset ``start`` (multi-turn: a turn only adds the rows of its
 new tokens); its rows then cover positions ``[start, start + rows)``.
+
+Routing in verl's batches
+-------------------------
+verl's agent loop lays each sample's routing over all its tokens and fills the rows the
+engine did not return with zeros (the last token's, tokens after an engine stopped
+recording, a sample whose engine returned none). With ``K >= 2`` a row of ``K`` zeros is not
+routing (ids are distinct), so readers of that layout take it as ``MISSING``
+(``zero_rows_missing``): those tokens get the fallback, counted like any missing row. With
+``K == 1`` zero is a real expert; verl_r3's agent-loop patch pads such routing with -1 instead.
 
 Compact storage and wire encoding
 ---------------------------------
@@ -50,6 +63,7 @@ Converters from each engine's and verl's own layouts live in ``verl_r3.core.form
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +74,11 @@ __all__ = [
     "RoutingRecord",
     "compact_rows",
     "dense_dtype",
+    "missing_rows",
     "narrow_dtype",
     "storage_dtype",
     "validate_routing",
+    "zero_rows_missing",
 ]
 
 MISSING = -1
@@ -70,6 +86,7 @@ UINT16_MISSING = 0xFFFF
 _MAX_EXPERTS = UINT16_MISSING  # ids 0..65534, 65535 reserved
 
 _SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+_DENSE_DTYPES = (*_SIGNED_INT_DTYPES, torch.uint8)
 
 
 def storage_dtype(num_experts: int) -> torch.dtype:
@@ -112,13 +129,30 @@ def compact_rows(routed: torch.Tensor) -> torch.Tensor:
     return routed.to(torch.int32)
 
 
-def _where(index: tuple[int, ...], sample: int | None, batched: bool) -> str:
-    if batched:
-        b, t, layer = index[:3]
+def missing_rows(routed: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., L]`` of dense routing ``[..., L, K]``: True where the row is missing (``K`` times
+    ``MISSING``, or ``K`` zeros in ``uint8`` routing)."""
+    return (routed == (0 if routed.dtype == torch.uint8 else MISSING)).all(dim=-1)
+
+
+def zero_rows_missing(routed: torch.Tensor) -> torch.Tensor:
+    """Mark the rows of verl's zero fill ``MISSING`` in place (see "Routing in verl's batches"):
+    every ``[..., K]`` row of ``K >= 2`` zeros. ``routed`` must be signed; returned for chaining."""
+    if routed.shape[-1] >= 2 and routed.numel():
+        routed.masked_fill_((routed == 0).all(dim=-1, keepdim=True), MISSING)
+    return routed
+
+
+def _where(flat_row: int, layer: int, width: int | None, sample: int | None, locate) -> str:
+    """Where flat row ``flat_row`` (of the ``[-1, L, K]`` view) lies, in the caller's terms."""
+    if locate is not None:
+        who, row = locate(flat_row)
+        return f"sample {who}, row {row}, layer {layer}"
+    if width is not None:
+        b, t = divmod(flat_row, width)
         return f"sample {b}, row {t}, layer {layer}"
-    t, layer = index[:2]
     prefix = f"sample {sample}, " if sample is not None else ""
-    return f"{prefix}row {t}, layer {layer}"
+    return f"{prefix}row {flat_row}, layer {layer}"
 
 
 def validate_routing(
@@ -130,6 +164,7 @@ def validate_routing(
     moe_layers: frozenset[int] | None = None,
     sample: int | None = None,
     what: str = "routing",
+    locate: Callable[[int], tuple[object, int]] | None = None,
 ) -> None:
     """Check dense routing against the contract above; raise ``ValueError`` naming the
     first offending sample, row and layer.
@@ -137,15 +172,16 @@ def validate_routing(
     ``routed`` is ``[N, L, K]`` (one sequence; ``sample`` names it in errors) or
     ``[B, T, L, K]``. ``moe_layers``, when given, are the layers that have a router: every
     other layer must be ``MISSING`` throughout (anything else means routing from another
-    model or a wrong layer mapping).
+    model or a wrong layer mapping). ``locate``, when given, maps a row of the flattened
+    ``[B * T]`` (or ``[N]``) rows to ``(sample, row within that sample)`` for the error, e.g.
+    for several sequences packed into one (``B == 1``), where position ``t`` alone names no
+    sample.
     """
     if not isinstance(routed, torch.Tensor):
         raise ValueError(f"{what}: expected a torch.Tensor, got {type(routed).__name__}")
-    if routed.dtype not in _SIGNED_INT_DTYPES:
-        hint = ""
-        if routed.dtype in (torch.uint8, torch.uint16):
-            hint = " (compact storage cannot hold -1: use RoutingRecord.to_dense())"
-        raise ValueError(f"{what}: dtype {routed.dtype} is not a signed integer dtype{hint}")
+    if routed.dtype not in _DENSE_DTYPES:
+        hint = " (compact storage cannot hold -1: use RoutingRecord.to_dense())" if routed.dtype == torch.uint16 else ""
+        raise ValueError(f"{what}: dtype {routed.dtype} is not a signed integer dtype or uint8{hint}")
     if torch.iinfo(routed.dtype).max < num_experts - 1:
         raise ValueError(
             f"{what}: dtype {routed.dtype} is too small for {num_experts} experts "
@@ -166,6 +202,9 @@ def validate_routing(
             f"{what}: top_k {routed.shape[-1]} but the model routes each token to {top_k} experts "
             f"(shape {tuple(routed.shape)})"
         )
+    if routed.dtype == torch.uint8 and top_k < 2:
+        raise ValueError(f"{what}: uint8 routing marks a missing row with K zeros, which needs top_k >= 2; "
+                         f"use a signed dtype (-1 marks missing rows)")
     if routed.numel() == 0:
         return
     batched = routed.dim() == 4
@@ -189,8 +228,8 @@ def validate_routing(
             if bool(mask.any()):
                 r, layer = mask.nonzero()[0].tolist()[:2]
                 r += begin
-                index = (*divmod(r, width), layer) if batched else (r, layer)
-                raise ValueError(f"{what}: {_where(index, sample, batched)}: {cause}; row is {rows[r, layer].tolist()}")
+                where = _where(r, layer, width, sample, locate)
+                raise ValueError(f"{what}: {where}: {cause}; row is {rows[r, layer].tolist()}")
 
 
 #: Ids validated at once (each costs about 13 bytes of temporaries).
@@ -199,16 +238,15 @@ _VALIDATE_CHUNK_IDS = 1 << 18
 
 def _routing_checks(rows: torch.Tensor, num_experts: int, dense: torch.Tensor | None) -> list[tuple[str, torch.Tensor]]:
     """(cause, bool [rows, L] mask) of every contract violation in ``rows`` ``[R, L, K]``, in the order reported."""
-    missing_slot = rows == MISSING
-    missing_row = missing_slot.all(dim=-1)
-    checks = [
-        ("negative id other than the missing marker -1", (rows < MISSING).any(dim=-1)),
-        (f"expert id >= num_experts={num_experts}", (rows >= num_experts).any(dim=-1)),
-        ("row partly -1 (a missing row must be -1 in all K slots)", missing_slot.any(dim=-1) & ~missing_row),
-    ]
+    missing_row = missing_rows(rows)
+    checks = [(f"expert id >= num_experts={num_experts}", (rows >= num_experts).any(dim=-1))]
+    if rows.dtype != torch.uint8:  # uint8 routing holds no negative ids, and zeros mark its missing rows
+        partly = (rows == MISSING).any(dim=-1) & ~missing_row
+        checks[:0] = [("negative id other than the missing marker -1", (rows < MISSING).any(dim=-1))]
+        checks.append(("row partly -1 (a missing row must be -1 in all K slots)", partly))
     sorted_ids = rows.sort(dim=-1).values
-    dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]) & (sorted_ids[..., 1:] != MISSING)
-    checks.append(("duplicate expert ids within one row", dup.any(dim=-1)))
+    dup = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).any(dim=-1) & ~missing_row
+    checks.append(("duplicate expert ids within one row", dup))
     if dense is not None:
         checks.append(
             ("expert ids in a layer without MoE (routing from another model or wrong layer map)", ~missing_row & dense)

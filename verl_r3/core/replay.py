@@ -22,7 +22,8 @@ Indexing
 Consumption and checkpointing
     Every MoE layer consumes its targets exactly once per model forward; a layer that is
     skipped (a hub kernel bypassing the router, a module replaced after binding) or called
-    twice fails the forward loudly. A router call during backward is an activation
+    twice fails the forward loudly, and a replay block left without any forward of the bound
+    model (another instance of the model was called) fails when it closes. A router call during backward is an activation
     checkpoint recompute: inside the block it replays the same targets (and is not counted
     again); after the block it raises, because the native routing it would use is not what
     the saved forward used.
@@ -50,9 +51,9 @@ import torch
 from torch import nn
 
 from verl_r3.core.metrics import expert_sets_differ
-from verl_r3.core.record import MISSING, dense_dtype, validate_routing
+from verl_r3.core.record import MISSING, dense_dtype, missing_rows, validate_routing
 
-__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "supported_families"]
+__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "routing_dims", "supported_families"]
 
 # Legend: B batch, T positions, N = B * T rows routed per layer, L layers, K top-k, E experts.
 
@@ -101,6 +102,16 @@ def register_family(family: RouterFamily) -> RouterFamily:
 
 def supported_families() -> list[str]:
     return sorted(_FAMILIES)
+
+
+def routing_dims(config) -> tuple[int, int, int]:
+    """``(L, K, E)`` of the routing a supported MoE model config produces: decoder layers, experts
+    per token, experts. ValueError for an unsupported family."""
+    family = _FAMILIES.get(getattr(config, "model_type", None))
+    if family is None:
+        raise ValueError(f"model type {getattr(config, 'model_type', None)!r} is not a supported MoE family "
+                         f"(supported: {', '.join(supported_families())})")
+    return int(config.num_hidden_layers), family.top_k(config), family.num_experts(config)
 
 
 class Mode(enum.Enum):
@@ -152,6 +163,7 @@ class ReplayHandle:
     def __init__(self, routed: torch.Tensor) -> None:
         self._routed = routed
         self.native_experts: torch.Tensor | None = None  # trainer's own top-k, last forward, [B, T, L, K], routed's dtype
+        self.replayed_layers: frozenset[int] = frozenset()  # MoE layers that routed by `routed`, last forward
 
     @property
     def used_experts(self) -> torch.Tensor | None:
@@ -160,8 +172,8 @@ class ReplayHandle:
         native = self.native_experts
         if native is None:
             return None
-        routed = self._routed.to(device=native.device, dtype=native.dtype)
-        return torch.where((routed == MISSING).all(dim=-1, keepdim=True), native, routed)
+        routed = self._routed.to(device=native.device)
+        return torch.where(missing_rows(routed).unsqueeze(-1), native, routed.to(native.dtype))
 
 
 class RouterReplay:
@@ -286,8 +298,11 @@ class RouterReplay:
             yield handle
 
     @contextlib.contextmanager
-    def replay(self, routed: torch.Tensor) -> Iterator[ReplayHandle]:
-        """Forwards (and checkpoint recomputes) inside route by ``routed`` ``[B, T, L, K]``."""
+    def replay(self, routed: torch.Tensor, *, locate=None) -> Iterator[ReplayHandle]:
+        """Forwards (and checkpoint recomputes) inside route by ``routed`` ``[B, T, L, K]``.
+
+        ``locate`` (optional) maps a row of the flattened ``[B * T]`` rows to ``(sample, row)``
+        for validation errors, e.g. when several sequences are packed into ``B == 1``."""
         if self.mode is not Mode.OFF:
             raise RuntimeError(f"RouterReplay: cannot enter replay inside a {self.mode.value} block")
         if not isinstance(routed, torch.Tensor) or routed.dim() != 4:
@@ -301,12 +316,19 @@ class RouterReplay:
                 num_experts=self.num_experts,
                 moe_layers=self.moe_layers,
                 what="rr.replay routing",
+                locate=locate,
             )
         handle = ReplayHandle(routed)
         self._routed = routed
         try:
             with self._block(Mode.REPLAY, handle):
                 yield handle
+                if self._counts.forwards == 0:
+                    raise RuntimeError(
+                        "rr.replay(): no forward of the bound model ran inside the block, so nothing was replayed; "
+                        "RouterReplay binds to the model instance it was given (another instance, a copy or a "
+                        "submodule was called?)"
+                    )
         finally:
             self._routed = None
 
@@ -367,16 +389,18 @@ class RouterReplay:
             self._handle.forwards.append(fwd.native)
         else:
             self._handle.native_experts = fwd.native
+            self._handle.replayed_layers = frozenset(fwd.consumed)
 
     def _keep_native(self, fwd: _Forward, index: int, idx_NK: torch.Tensor) -> None:
         """Write a layer's native ``[B*T, K]`` ids into the forward's ``[B, T, L, K]`` routing (allocated
         at its first layer; layers without MoE hold -1)."""
         if fwd.native is None:
             shape = fwd.shape or (1, idx_NK.shape[0])
-            # Under replay in the routing's own dtype (validated to hold every id); else the record dtype.
+            # Under replay in the routing's own dtype (validated to hold every id, uint8 included: its
+            # missing rows, here the layers without MoE, are zeros); else the record dtype.
             dtype = self._routed.dtype if self.mode is Mode.REPLAY else self._dtype
-            fwd.native = torch.full((*shape, self.num_layers, self.top_k), MISSING, dtype=dtype,
-                                    device=idx_NK.device)
+            fwd.native = torch.full((*shape, self.num_layers, self.top_k), MISSING if dtype.is_signed else 0,
+                                    dtype=dtype, device=idx_NK.device)
         B, T = fwd.native.shape[:2]
         fwd.native[:, :, index] = idx_NK.detach().view(B, T, self.top_k)
 
@@ -384,8 +408,8 @@ class RouterReplay:
         """One layer's replay targets ``[B*T, K]`` (long) and missing rows ``[B*T]``: cut from the routing
         when the layer runs (and again when a checkpoint recomputes it), never cached, so a block holds
         no copy of the routing beyond the caller's tensor."""
-        targets = self._routed[:, :, layer.index].reshape(-1, self.top_k).to(device=device, dtype=torch.long)
-        return targets, (targets == MISSING).all(dim=-1)
+        rows = self._routed[:, :, layer.index].reshape(-1, self.top_k)
+        return rows.to(device=device, dtype=torch.long), missing_rows(rows).to(device)
 
     def _route(self, layer: _Layer, scores, weights, idx_NK):
         """Returns None (keep native) or the swapped ``(weights_NK, idx_NK)``."""
