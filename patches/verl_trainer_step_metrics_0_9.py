@@ -1,12 +1,15 @@
-"""Patch: hand the workers' per-step counts to a collector in verl's v1 PPO trainer (verl 0.9.x).
+"""Patch: hand the workers' per-step counts to a collector in verl's v1 PPO trainer (verl 0.9.x),
+and explain a step that fails because a rollout server died.
 
 What it patches
-    Three methods of ``PPOTrainer`` in ``verl.trainer.ppo.v1.trainer_base`` (verl 0.9.1), each
+    Four methods of ``PPOTrainer`` in ``verl.trainer.ppo.v1.trainer_base`` (verl 0.9.1), each
     wrapped, verl's code running unchanged inside:
     ``_compute_old_log_prob`` and ``_update_actor``: while they run, the trainer's
     ``actor_rollout_wg.compute_log_prob`` / ``.update_actor`` (instance attributes verl's worker
     group binds) are wrapped so that their outputs pass through the hooks first;
-    ``_compute_metrics``: after verl has assembled the step's metrics, the hook adds its own.
+    ``_compute_metrics``: after verl has assembled the step's metrics, the hook adds its own;
+    ``step``: an error escaping a training step goes to the hook first, which may raise a
+    clearer one from it.
 
 Why
     verl's v1 trainer keeps only the ``mfu`` entry of ``compute_log_prob``'s metrics and
@@ -14,14 +17,16 @@ Why
     must be totalled over a step (tokens, pairs, per-layer pairs) therefore either vanish or
     turn into means of ratios. The hooks receive the raw outputs, take their own entries out
     before verl reduces the rest, and add the step's figures next to verl's metrics. Nothing
-    else of the outputs or of verl's metrics changes.
+    else of the outputs or of verl's metrics changes. And verl's v1 agent loop turns every
+    request to a rollout server that died into a failed trajectory, so the step then fails with
+    an error about its replay buffer that does not name the cause.
 
 Upstream reference
     verl 0.9.1, ``verl/trainer/ppo/v1/trainer_base.py``: ``PPOTrainer._compute_old_log_prob``
     (``output = self.actor_rollout_wg.compute_log_prob(batch)``, metrics unused),
     ``PPOTrainer._update_actor`` (``rename_dict(output["metrics"], "actor/")`` then
     ``reduce_metrics``), ``PPOTrainer._compute_metrics`` (called by ``fit`` right before
-    ``self.logger.log``).
+    ``self.logger.log``), ``PPOTrainer.step`` (called by ``fit`` once per training step).
 
 Versions tested
     verl 0.9.1 with torch 2.13.0 (CPU build), transformers 5.19.
@@ -32,8 +37,8 @@ Remove when
 
 Applied by ``verl_r3.integration.activate`` (through ``verl_r3.integration.step_metrics``) when
 verl's trainer module is imported, never on import of this module. ``apply(hooks)`` takes an
-object with ``infer_output(trainer, output)``, ``update_output(trainer, output)`` and
-``step_end(trainer, metrics, timing_raw)``.
+object with ``infer_output(trainer, output)``, ``update_output(trainer, output)``,
+``step_end(trainer, metrics, timing_raw)`` and ``step_failed(trainer, error)``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ _CLASS = "PPOTrainer"
 _CALLS = {"_compute_old_log_prob": ("compute_log_prob", "infer_output"),
           "_update_actor": ("update_actor", "update_output")}
 _STEP_END = "_compute_metrics"
+_STEP = "step"
 
 _original: dict = {}  # method name -> verl's function, while applied
 
@@ -113,6 +119,18 @@ def _after_metrics(method, hooks):
     return wrapper
 
 
+def _explaining_failures(method, hooks):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as error:
+            hooks.step_failed(self, error)
+            raise
+
+    return wrapper
+
+
 def is_applied() -> bool:
     return bool(_original)
 
@@ -123,7 +141,7 @@ def apply(hooks) -> bool:
         return False
     version = check_version()
     cls = getattr(importlib.import_module(_TARGET_MODULE), _CLASS)
-    missing = [m for m in (*_CALLS, _STEP_END) if not callable(cls.__dict__.get(m))]
+    missing = [m for m in (*_CALLS, _STEP_END, _STEP) if not callable(cls.__dict__.get(m))]
     if missing:
         raise RuntimeError(f"verl_trainer_step_metrics_0_9: {_TARGET_MODULE}.{_CLASS} of verl {version} has no "
                            f"{', '.join(missing)}")
@@ -132,8 +150,10 @@ def apply(hooks) -> bool:
         setattr(cls, method, _around_call(_original[method], wg_method, hook_name, hooks))
     _original[_STEP_END] = cls.__dict__[_STEP_END]
     setattr(cls, _STEP_END, _after_metrics(_original[_STEP_END], hooks))
-    logger.info("verl_trainer_step_metrics_0_9: verl %s: %s.%s hands compute_log_prob/update_actor outputs and "
-                "the step's metrics to %s", version, _TARGET_MODULE, _CLASS, type(hooks).__name__)
+    _original[_STEP] = cls.__dict__[_STEP]
+    setattr(cls, _STEP, _explaining_failures(_original[_STEP], hooks))
+    logger.info("verl_trainer_step_metrics_0_9: verl %s: %s.%s hands compute_log_prob/update_actor outputs, "
+                "the step's metrics and a failed step to %s", version, _TARGET_MODULE, _CLASS, type(hooks).__name__)
     return True
 
 

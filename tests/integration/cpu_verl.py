@@ -1,7 +1,8 @@
 """Run a script in a fresh interpreter with verl on the CPU platform (parent side of the tests).
 
 The child gets the CPU platform (VERL_USE_EXTERNAL_MODULES, VERL_PLATFORM=cpu), a loopback
-world-size-1 process group environment, this folder on PYTHONPATH (for engine_harness) and
+world-size-1 process group environment, this folder (for engine_harness) and ``paths`` on
+PYTHONPATH, and
 the case parameters as JSON in CASE; it prints one line "RESULT <json>".
 """
 
@@ -23,13 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cpu_verl(body: str, case: dict, timeout_s: int = 300) -> dict:
+def run_cpu_verl(body: str, case: dict, timeout_s: int = 300, paths: tuple[str, ...] = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES")}
     env.update({
         "VERL_USE_EXTERNAL_MODULES": "verl_r3.integration.cpu_platform", "VERL_PLATFORM": "cpu",
         "VERL_USE_EXTERNAL_PLUGINS": "none", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
         "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CASE": json.dumps(case),
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([HERE, env.get("PYTHONPATH", "")]),
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join([HERE, *paths, env.get("PYTHONPATH", "")]),
     })
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(body)], env=env, capture_output=True, text=True,
                           timeout=timeout_s)

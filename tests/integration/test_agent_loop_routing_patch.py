@@ -57,6 +57,20 @@ def _config(strategy):
     return OmegaConf.create({"actor_rollout_ref": {"actor": {"strategy": strategy}}})
 
 
+def _worker(strategy="fsdp2", *, routing=True, layers=2, top_k=2):
+    """What the wrappers read of verl's agent loop worker: its config, rollout config and model config."""
+    from verl_r3.tiny import tiny_config
+
+    hf_config = tiny_config("qwen3_moe", num_hidden_layers=layers, num_experts_per_tok=top_k)
+    return types.SimpleNamespace(config=_config(strategy),
+                                 rollout_config=types.SimpleNamespace(enable_rollout_routing_replay=routing),
+                                 model_config=types.SimpleNamespace(hf_config=hf_config))
+
+
+def _run(wrapped, worker, output, **kwargs):
+    asyncio.run(wrapped(worker, output, False, **kwargs))
+
+
 @pytest.mark.parametrize("strategy, dtype", [("fsdp", torch.uint8), ("fsdp2", torch.uint8), ("megatron", None)])
 def test_worker_compacts_routing_only_for_fsdp_actors(strategy, dtype):
     seen = []
@@ -64,19 +78,29 @@ def test_worker_compacts_routing_only_for_fsdp_actors(strategy, dtype):
     async def verls_postprocess(self, output, validate, **kwargs):  # stands for what verl runs next
         seen.extend(o.routed_experts for o in (output if isinstance(output, list) else [output]))
 
-    wrapped = patch._compacting(verls_postprocess)
-    worker = types.SimpleNamespace(config=_config(strategy))
+    wrapped = patch._checking(verls_postprocess, legacy=False)
+    worker = _worker(strategy)
     rows = _rows(high=256)
-    asyncio.run(wrapped(worker, [_output(rows), _output(None)], False, uid="u", session_id=0))
+    _run(wrapped, worker, [_output(rows)], uid="u", session_id=0)
     if dtype is None:
         assert seen[0] is rows  # megatron: verl's own path, untouched
     else:
         assert seen[0].dtype == dtype and seen[0].numpy().tolist() == rows.tolist()
-    assert seen[1] is None
     wide = _rows(high=300)
-    asyncio.run(wrapped(worker, _output(wide), False))
+    _run(wrapped, worker, _output(wide))
     if dtype is not None:
-        assert seen[2].dtype == torch.int16 and seen[2].numpy().tolist() == wide.tolist()  # over 256 experts
+        assert seen[1].dtype == torch.int16 and seen[1].numpy().tolist() == wide.tolist()  # over 256 experts
+
+
+def test_routing_off_leaves_outputs_alone():
+    seen = []
+
+    async def verls_postprocess(self, output, validate, **kwargs):
+        seen.extend(o.routed_experts for o in output)
+
+    rows = _rows(n=20)  # would be refused with routing on: more rows than tokens
+    _run(patch._checking(verls_postprocess, legacy=False), _worker("megatron", routing=False), [_output(rows), _output(None)])
+    assert seen[0] is rows and seen[1] is None
 
 
 def test_apply_installs_on_verls_classes_and_revert_restores_them():

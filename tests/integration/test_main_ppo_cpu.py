@@ -117,6 +117,8 @@ def test_without_replay_bf16_rollout_and_fp32_trainer_disagree_on_routing(setup)
 def test_r2_replays_the_routing_recorded_in_compute_log_prob(setup):
     r = _run(setup, "grpo_r2", "r2", engine="hf")
     assert _series(r, "r3/replay_active_frac") == [1.0, 1.0]
+    # The recorded routing travels back one byte per id, like the rollout's.
+    assert _series(r, "r3/routing_bytes_per_token") == [_ids_per_token(setup)] * 2
     # One mini-batch, one epoch: the update replays exactly what the same weights chose.
     assert _series(r, "r3/router_disagree") == [0.0, 0.0]
     assert all(g > 0 for g in _series(r, "actor/grad_norm"))

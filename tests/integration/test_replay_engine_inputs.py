@@ -85,7 +85,7 @@ def test_int8_replay_routing_of_a_128_expert_model_and_ids_that_do_not_fit():
     dense = micro_batch_routing(routed, _jagged([2, 1]), remove_padding=True, dtype=torch.int8)
     assert dense.dtype == torch.int8 and dense[0, 0].tolist() == [[0, 127]] and (dense[0, 1:] == MISSING).all()
     values[2, 0, 1] = 200  # sample 1: routing of a model with more experts
-    with pytest.raises(ValueError, match="sample 1 of the micro-batch holds expert id 200"):
+    with pytest.raises(ValueError, match="sample 1 holds expert id 200"):
         micro_batch_routing(routed, _jagged([2, 1]), remove_padding=True, dtype=torch.int8)
     # A micro-batch picked from a larger batch by sample index: only its samples are read.
     picked = micro_batch_routing(routed, _jagged([2]), remove_padding=True, dtype=torch.int8,
@@ -103,3 +103,26 @@ def test_layers_without_a_router_become_missing_whatever_the_engine_wrote():
     assert (packed[0, :, 1] == MISSING).all()
     kept = [0, 1, 3]  # rows that are not a sample's last row
     assert torch.equal(packed[0, kept][:, [0, 2]], values[kept][:, [0, 2]])
+
+
+def test_uint8_micro_batch_keeps_one_byte_per_id_with_zero_rows_missing():
+    from verl_r3.core.record import missing_rows
+    from verl_r3.integration.fsdp_replay import replay_dtype
+
+    assert replay_dtype(torch.uint8, 256, 8) == torch.uint8 and replay_dtype(torch.uint8, 128, 8) == torch.uint8
+    assert replay_dtype(torch.uint8, 64, 1) == torch.int8  # top-1: a zero row is expert 0
+    assert replay_dtype(torch.int16, 64, 8) == torch.int8 and replay_dtype(torch.int16, 256, 8) == torch.int16
+    ids = _jagged([3, 2])
+    values = torch.tensor([[[255, 3], [1, 2]], [[0, 0], [4, 5]], [[7, 9], [0, 1]], [[2, 3], [6, 8]], [[9, 9], [9, 9]]],
+                          dtype=torch.uint8)  # sample 0's middle row, layer 0: verl's zero fill
+    routed = torch.nested.nested_tensor_from_jagged(values, offsets=torch.tensor([0, 3, 5]))
+    for rmpad in (True, False):
+        dense = micro_batch_routing(routed, ids, remove_padding=rmpad, dtype=torch.uint8, moe_layers=frozenset({0, 1}))
+        signed = micro_batch_routing(routed, ids, remove_padding=rmpad, moe_layers=frozenset({0, 1}))
+        assert dense.dtype == torch.uint8 and signed.dtype == torch.int16
+        assert torch.equal(missing_rows(dense), missing_rows(signed))  # last rows, the zero row, the padding
+        kept = ~missing_rows(signed).unsqueeze(-1)
+        assert torch.equal(dense.to(torch.int16)[kept.expand_as(signed)], signed[kept.expand_as(signed)])
+    with pytest.raises(ValueError, match="uint8 replay routing is cut from uint8 blocks only, got torch.int16"):
+        micro_batch_routing(torch.nested.nested_tensor_from_jagged(values.to(torch.int16), offsets=torch.tensor([0, 3, 5])),
+                            ids, remove_padding=True, dtype=torch.uint8)

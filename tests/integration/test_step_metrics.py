@@ -49,7 +49,7 @@ def _engine_metrics(batches, *, rank: int, phase: str, seconds: float) -> dict:
     """One rank's metrics as verl's engine returns them: each key a Metric over micro-batches."""
     out: dict = {}
     for routed, native, mask, rollout_lp, train_lp in batches:
-        stats = sm.routing_stats(routed, native, native, mask, MOE, replayed=False)
+        stats = sm.routing_stats(routed, native, native, mask, MOE)
         from verl_r3.core.metrics import mismatch_sums
 
         stats.update(mismatch_sums(rollout_lp, train_lp, mask))
@@ -131,7 +131,7 @@ def test_log_probs_from_compute_log_prob_routing_from_the_update_when_only_it_ha
     from verl_r3.core.metrics import mismatch_sums
 
     infer = mismatch_sums(a[3], a[4], a[2])  # R2: compute_log_prob records, so it has no rollout routing
-    update = dict(mismatch_sums(b[3], b[4], b[2]), **sm.routing_stats(b[0], b[1], b[0], b[2], MOE, replayed=True))
+    update = dict(mismatch_sums(b[3], b[4], b[2]), **sm.routing_stats(b[0], b[1], b[0], b[2], MOE, replayed_layers=MOE))
     figures = sm.step_figures(infer, update)
     assert figures[keys.K3_KL] == pytest.approx(logprob_mismatch(a[3], a[4], a[2])["k3_kl"])
     assert figures[keys.ROUTER_DISAGREE] == pytest.approx(router_disagreement(b[0][..., list(MOE), :],
@@ -175,7 +175,7 @@ def test_trainer_patch_wraps_and_restores_verls_methods():
         import verl.trainer.ppo.v1.trainer_base as tb
         from verl_r3.patches import verl_trainer_step_metrics_0_9 as p
         from verl_r3.integration.step_metrics import TrainerHooks
-        names = ("_compute_old_log_prob", "_update_actor", "_compute_metrics")
+        names = ("_compute_old_log_prob", "_update_actor", "_compute_metrics", "step")
         before = {n: tb.PPOTrainer.__dict__[n] for n in names}
         assert p.apply(TrainerHooks()) and not p.apply(TrainerHooks()) and p.is_applied()
         assert all(tb.PPOTrainer.__dict__[n].__wrapped__ is before[n] for n in names)

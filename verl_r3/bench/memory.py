@@ -21,10 +21,11 @@ Layouts
     verl's engine splits every field into before the first forward (``FSDPReplayEngine`` keeps
     the routing aside and cuts each micro-batch's rows from it instead); the copy of the
     mini-batch verl's worker runs (``1 / mini_batches`` of the rank's samples); and what the
-    largest micro-batch holds: its dense routing (``int16`` for verl's layouts, ``narrow_dtype``,
-    ``int8`` up to 128 experts, for verl_r3's), the trainer's own top-k of the same shape and
-    dtype, one layer's ``int64`` targets, and the bounded temporaries of the chunked validation
-    and metrics (16 bytes per chunked id).
+    largest micro-batch holds: its dense routing (``int16`` for verl's layouts, ``replay_dtype``,
+    ``uint8`` wherever the routing is carried as ``uint8``, for verl_r3's), the trainer's own top-k
+    of the same shape and dtype, one layer's ``int64`` targets, the per-token fallback tally (a
+    bool and an ``int64`` running count per token), and the bounded temporaries of the chunked
+    validation and metrics (16 bytes per chunked id).
 
 Figures (per layout)
     ``bytes_per_id``: bytes of routing stored per (token, layer, k) of the stored rows.
@@ -96,11 +97,11 @@ def _micro_batch_bytes(lengths: list[int], layers: int, top_k: int, dtype: torch
                        narrow: bool) -> int:
     """Routing held while one micro-batch of these sequence lengths runs (remove-padding layout):
     ``micro_batch_routing``'s output (the replayed routing), the trainer's own top-k that
-    ``RouterReplay`` writes into one tensor of the same shape, one layer's ``int64`` targets, and
-    the bound on the chunked temporaries of validation and metrics."""
+    ``RouterReplay`` writes into one tensor of the same shape, one layer's ``int64`` targets, the
+    fallback tally per token, and the bound on the chunked temporaries of validation and metrics."""
     from verl_r3.core import record
     from verl_r3.integration import step_metrics
-    from verl_r3.integration.fsdp_replay import micro_batch_routing
+    from verl_r3.integration.fsdp_replay import micro_batch_routing, replay_dtype
 
     offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
     total = int(offsets[-1])
@@ -108,12 +109,13 @@ def _micro_batch_bytes(lengths: list[int], layers: int, top_k: int, dtype: torch
     routed = torch.nested.nested_tensor_from_jagged(torch.zeros((total, layers, top_k), dtype=dtype), offsets=offsets)
     ids = torch.nested.nested_tensor_from_jagged(torch.empty((total,), dtype=torch.long), offsets=offsets)
     dense = micro_batch_routing(routed, ids, remove_padding=True, pad_size=0,
-                                dtype=record.narrow_dtype(experts) if narrow else None)
+                                dtype=replay_dtype(dtype, experts, top_k) if narrow else None)
     native = dense.nbytes  # RouterReplay writes the trainer's top-k in the replayed routing's dtype
     layer_targets = _nbytes((total, top_k), torch.long) + _nbytes((total,), torch.bool)
+    tally = _nbytes((total,), torch.bool) + _nbytes((total + 1,), torch.long)
     # Each chunked id costs at most 16 bytes of temporaries (a sort's int64 indices and values, masks).
     chunks = 16 * max(record._VALIDATE_CHUNK_IDS, step_metrics._CHUNK_IDS)
-    return dense.nbytes + native + layer_targets + chunks
+    return dense.nbytes + native + layer_targets + tally + chunks
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:

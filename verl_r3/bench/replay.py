@@ -132,8 +132,8 @@ def run(
     remove_padding: bool = False,
 ) -> dict:
     """Time forward + backward with native and replayed routing; see the module docstring."""
-    from verl_r3.core.record import narrow_dtype
     from verl_r3.core.replay import RouterReplay
+    from verl_r3.integration.fsdp_replay import replay_dtype
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -154,7 +154,8 @@ def run(
     rr = RouterReplay(model)
     with torch.no_grad(), rr.record() as rec:
         model(input_ids=ids, position_ids=position_ids)
-    routed = rec.routed_experts.to(narrow_dtype(experts))  # the dtype the FSDP engine replays in
+    # The dtype the FSDP engine replays in when routing arrives compact (uint8, zero rows missing).
+    routed = rec.routed_experts.clamp(min=0).to(replay_dtype(torch.uint8, experts, top_k))
     rr.remove()
 
     times: dict[str, list[float]] = {"unbound": [], "native": [], "replay": []}

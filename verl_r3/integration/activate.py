@@ -18,8 +18,10 @@ process it starts (driver, task runner, Ray workers). Importing this one:
   CPU device (``verl_r3.engines.sglang_engine.prepare_verl_rollout_on_cpu``);
 - keeps each turn's routing in verl's multi-turn tool agent loop
   (``verl_r3.patches.verl_tool_agent_loop_0_9``) instead of only the last turn's;
-- carries routing one byte per expert id through verl's v1 trainer for FSDP actors
-  (``verl_r3.patches.verl_agent_loop_routing_0_9``, applied when verl imports its v1 agent loop);
+- checks every sample's routing in verl's agent loop (too many rows: an error naming the sample;
+  none returned: the fallback, logged) and carries it one byte per expert id through verl's v1
+  trainer for FSDP actors (``verl_r3.patches.verl_agent_loop_routing_0_9``, applied when verl
+  imports its agent loops);
 - logs the ``r3/`` metrics of every step (``verl_r3.integration.step_metrics``): the FSDP
   engine counts, verl's v1 trainer (patched when it is imported) totals and logs.
 """
@@ -50,5 +52,7 @@ if cpu_platform.is_selected():
 register_replay_engines()
 register_hf_rollout()
 verl_tool_agent_loop_0_9.apply()
+when_imported("verl.experimental.agent_loop.agent_loop",
+              lambda _module: verl_agent_loop_routing_0_9.apply(import_v1=False))
 when_imported("verl.trainer.ppo.v1.agent_loop_tq", lambda _module: verl_agent_loop_routing_0_9.apply())
 step_metrics.install()

@@ -28,8 +28,10 @@ Routing of a micro-batch
     verl splits every field of a call's batch into micro-batch copies before the first forward.
     The routing is taken out of the batch first and kept once; a per-sample index
     (``SAMPLE_INDEX_KEY``) travels through verl's split instead, and each micro-batch's rows are
-    copied from the kept routing straight into one dense tensor of ``narrow_dtype`` (``int8`` up to
-    128 experts), the only routing allocation of the micro-batch (``verl-r3 bench memory``).
+    copied from the kept routing straight into one dense tensor of ``replay_dtype``: ``uint8`` with
+    zero rows missing when the routing arrives as ``uint8`` (``K >= 2``), else ``narrow_dtype``.
+    It is the only routing allocation of the micro-batch, and the trainer's own top-k that
+    ``RouterReplay`` keeps shares its dtype (``verl-r3 bench memory``).
 
 Backward and checkpointing
     verl runs a micro-batch's backward after ``forward_step`` returns, so the replay block
@@ -39,22 +41,26 @@ Backward and checkpointing
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
-from verl_r3.core.record import MISSING, narrow_dtype
+from verl_r3.core.record import MISSING, compact_rows, missing_rows, narrow_dtype, zero_rows_missing
 from verl_r3.core.replay import RouterReplay
 from verl_r3.integration import step_metrics
 
 __all__ = [
     "RouterReplayEngineMixin",
     "micro_batch_routing",
+    "row_locator",
     "register_replay_engines",
+    "replay_dtype",
     "replay_engine_class",
     "router_replay_mode",
+    "router_replay_strict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -115,6 +121,7 @@ def _layout_like_input(values: torch.Tensor, offsets: torch.Tensor, *, remove_pa
 def micro_batch_routing(
     routed_nested: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool, pad_size: int = 0,
     moe_layers: Collection[int] | None = None, samples: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+    labels: Sequence | None = None,
 ) -> torch.Tensor:
     """Dense signed ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
 
@@ -123,11 +130,15 @@ def micro_batch_routing(
     was called with, so the routing is never split into per-micro-batch copies. The carried
     blocks (``uint8`` as ``verl_r3.patches.verl_agent_loop_routing_0_9`` stores them, or verl's
     ``int16``) are cast into one tensor of ``dtype`` (default ``int16``, ``int32`` for wider input;
-    the engine passes ``narrow_dtype`` of the model, ``int8`` up to 128 experts), the only routing
-    allocation of the micro-batch. Each sample's last row is ``MISSING`` (the engine reports none
-    for the last token; verl zero-fills it), and so are the rows of layers outside ``moe_layers``
-    (dense layers) whatever the engine wrote there: vLLM's capture reports every decoder layer
-    and leaves zeros in dense ones."""
+    the engine passes ``replay_dtype``), the only routing allocation of the micro-batch. Each
+    sample's last row is missing (the engine reports none for the last token; verl zero-fills it),
+    and so is every row whose ``K`` ids are all 0 when ``K >= 2``: verl's agent loop zero-fills the
+    rows an engine did not return, and distinct ids make such a row impossible as routing
+    (``verl_r3.core.record``, "Routing in verl's batches"). The rows of layers outside ``moe_layers``
+    (dense layers) are missing too, whatever the engine wrote there: vLLM's capture reports every
+    decoder layer and leaves zeros in dense ones. Missing rows are ``MISSING`` in a signed
+    ``dtype`` and zeros in ``uint8`` (which only ``uint8`` blocks may be cast into). Errors name a
+    sample by its index in ``routed_nested`` (``labels[index]`` when given)."""
     _check_jagged(routed_nested)
     offsets = routed_nested.offsets().cpu().to(torch.long)
     values = routed_nested.values()[int(offsets[0]):]
@@ -136,13 +147,19 @@ def micro_batch_routing(
     if samples is not None:
         routed_lengths = routed_lengths[samples.cpu().to(torch.long)]
     lengths = input_ids_nested.offsets().diff().cpu()
+    picked = list(range(len(routed_lengths))) if samples is None else samples.cpu().tolist()
+
+    def name(b: int) -> str:
+        index = picked[b] if b < len(picked) else b
+        return str(index if labels is None else labels[index])
+
     if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths, lengths):
         bad = (routed_lengths != lengths).nonzero() if routed_lengths.shape == lengths.shape else torch.tensor([0])
-        sample = int(bad[0]) if bad.numel() else 0
+        b = int(bad[0]) if bad.numel() else 0
         raise ValueError(
-            f"routed_experts does not fit the batch: sample {sample} has "
-            f"{int(routed_lengths[sample]) if sample < routed_lengths.numel() else 'no'} routing rows for "
-            f"{int(lengths[sample])} tokens"
+            f"routed_experts does not fit the batch: sample {name(b)} has "
+            f"{int(routed_lengths[b]) if b < routed_lengths.numel() else 'no'} routing rows for "
+            f"{int(lengths[b]) if b < lengths.numel() else 'no'} tokens"
         )
     if values.dtype in (torch.uint8, torch.int8, torch.int16):
         widest = torch.int16
@@ -151,6 +168,10 @@ def micro_batch_routing(
     else:
         raise ValueError(f"routed_experts must hold integers, got {values.dtype}")
     dtype = dtype or widest
+    if dtype == torch.uint8 and values.dtype != torch.uint8:
+        raise ValueError(f"uint8 replay routing is cut from uint8 blocks only, got {values.dtype} (negative ids or "
+                         "-1 rows would wrap around)")
+    missing = MISSING if dtype.is_signed else 0
     limit = torch.iinfo(dtype).max
     if limit < torch.iinfo(values.dtype).max:  # narrowing: no id may wrap around
         starts = offsets[:-1] if samples is None else offsets[:-1][samples.cpu().to(torch.long)]
@@ -161,39 +182,86 @@ def micro_batch_routing(
             if over:
                 b, peak = over[0]
                 raise ValueError(
-                    f"routed_experts: sample {b} of the micro-batch holds expert id {peak}, more than a model "
+                    f"routed_experts: sample {name(b)} holds expert id {peak}, more than a model "
                     f"with {limit + 1} or fewer experts has (routing from a different model?)"
                 )
-    out = _layout_like_input(values, offsets, remove_padding=remove_padding, pad_size=pad_size, fill=MISSING,
+    out = _layout_like_input(values, offsets, remove_padding=remove_padding, pad_size=pad_size, fill=missing,
                              dtype=dtype, samples=samples)
     rows = out.view(-1, *out.shape[2:])
     mb_offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.to(torch.long).cumsum(0)])
     if remove_padding:
-        rows[_last_rows(mb_offsets)] = MISSING
+        rows[_last_rows(mb_offsets)] = missing
     else:
         width = out.shape[1]
         last = [b * width + n - 1 for b, n in enumerate(lengths.tolist()) if n > 0]
-        rows[torch.tensor(last, dtype=torch.long)] = MISSING
+        rows[torch.tensor(last, dtype=torch.long)] = missing
+    if dtype.is_signed:
+        zero_rows_missing(out)  # rows verl zero-filled (engine returned none); uint8 reads them as missing as they are
     if moe_layers is not None:
         dense = [layer for layer in range(values.shape[1]) if layer not in moe_layers]
         if dense:
-            out[:, :, dense] = MISSING
+            out[:, :, dense] = missing
     return out
+
+
+def replay_dtype(carried: torch.dtype, num_experts: int, top_k: int) -> torch.dtype:
+    """The dtype the engine replays a micro-batch in: ``uint8`` (zero rows missing) when the routing
+    arrives as ``uint8`` and ``top_k >= 2``, else ``narrow_dtype`` (``int8`` up to 128 experts)."""
+    if carried == torch.uint8 and top_k >= 2 and num_experts <= 256:
+        return torch.uint8
+    return narrow_dtype(num_experts)
+
+
+def row_locator(input_ids_nested: torch.Tensor, *, remove_padding: bool, width: int,
+                samples: torch.Tensor | None = None, labels: Sequence | None = None):
+    """``locate(flat_row) -> (sample, row)`` for the micro-batch layout ``micro_batch_routing``
+    builds, so that routing errors name the sample and its own row (``rr.replay(locate=...)``).
+    Samples are named as ``micro_batch_routing`` names them; rows past the last sample are
+    verl's static pad."""
+    lengths = input_ids_nested.offsets().diff().cpu().tolist()
+    picked = list(range(len(lengths))) if samples is None else samples.cpu().tolist()
+    names = [str(i if labels is None else labels[i]) for i in picked]
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+
+    def locate(flat_row: int) -> tuple[object, int]:
+        if not remove_padding:
+            b, t = divmod(flat_row, width)
+            return names[b], t
+        b = bisect.bisect_right(starts, flat_row) - 1
+        if b >= len(names):
+            return "(padding)", flat_row - starts[-1]
+        return names[b], flat_row - starts[b]
+
+    return locate
+
+
+def _router_replay_key(engine_config, key: str, default):
+    config = getattr(engine_config, "router_replay", None)
+    if config is None:
+        return default
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
 
 
 def router_replay_mode(engine_config) -> str:
     """``router_replay.mode`` of an engine config (a dataclass, or the plain dict Hydra leaves
     when the key was added with ``+``/``++``); unknown values are refused."""
-    config = getattr(engine_config, "router_replay", None)
-    if config is None:
-        mode = "disabled"
-    elif isinstance(config, Mapping):
-        mode = config.get("mode", "disabled")
-    else:
-        mode = getattr(config, "mode", "disabled")
+    mode = _router_replay_key(engine_config, "mode", "disabled")
     if mode not in MODES:
         raise ValueError(f"router_replay.mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def router_replay_strict(engine_config) -> bool:
+    """``router_replay.strict`` (default True): a step whose replay check fails stops the run;
+    False downgrades it to a warning (``verl_r3.integration.step_metrics``)."""
+    strict = _router_replay_key(engine_config, "strict", True)
+    if not isinstance(strict, bool):
+        raise ValueError(f"router_replay.strict must be true or false, got {strict!r}")
+    return strict
 
 
 class RouterReplayEngineMixin:
@@ -218,6 +286,7 @@ class RouterReplayEngineMixin:
             self._rr_mode = "disabled"
             self._rr_reference = True
             return
+        router_replay_strict(self.engine_config)  # a bad value fails at start, not at the first step check
         self._rr_mode = mode
         self._rr_reference = False
         if mode != "disabled":
@@ -254,13 +323,17 @@ class RouterReplayEngineMixin:
                 logger.warning("router disagreement not measured: %s", exc)
         return self._rr
 
-    def _close_block(self) -> None:
+    def _close_block(self, error: BaseException | None = None) -> None:
         block, self._rr_block = self._rr_block, None
-        if block is not None:
-            block.__exit__(None, None, None)
-            for key, value in self._rr.stats.items():
-                if isinstance(value, int):
-                    self.router_replay_stats[key] = self.router_replay_stats.get(key, 0) + value
+        if block is None:
+            return
+        if error is not None:  # the forward or backward failed: that error is the one to report
+            block.__exit__(type(error), error, error.__traceback__)
+            return
+        block.__exit__(None, None, None)
+        for key, value in self._rr.stats.items():
+            if isinstance(value, int):
+                self.router_replay_stats[key] = self.router_replay_stats.get(key, 0) + value
 
     def forward_backward_batch(self, data, loss_function, forward_only=False):
         # Counts of RouterReplay.stats summed over this call's micro-batches (forwards,
@@ -268,18 +341,44 @@ class RouterReplayEngineMixin:
         self.router_replay_stats = {}
         self._rr_phase = self._phase(data, forward_only)
         self._rr_routing = None
+        self._rr_labels = None
+        self._rr_fallback = {}  # sample (index in this call's batch) -> response tokens without rollout routing
         if self._rr_phase in ("replay", "observe"):
             # verl splits every field of the batch into micro-batch copies before the first forward;
             # the routing stays here once and each micro-batch's rows are cut from it by sample index.
             self._rr_routing = data["routed_experts"]
+            self._rr_labels = _sample_labels(data)
             data = data.exclude("routed_experts")
             data[SAMPLE_INDEX_KEY] = torch.arange(len(data), device=self._rr_routing.values().device)
         try:
-            return super().forward_backward_batch(data, loss_function, forward_only)
-        finally:
+            output = super().forward_backward_batch(data, loss_function, forward_only)
+        except BaseException as exc:
+            self._close_block(exc)
+            raise
+        else:
             self._close_block()
+            self._log_fallback(forward_only, len(data))
+            return output
+        finally:
             self._rr_phase = None
             self._rr_routing = None
+            self._rr_labels = None
+
+    def _log_fallback(self, forward_only: bool, samples: int) -> None:
+        """One warning per call naming the samples whose response tokens had no rollout routing."""
+        if not self._rr_fallback:
+            return
+        named = sorted(self._rr_fallback.items())
+        shown = ", ".join(f"{self._label(i)}: {n}" for i, n in named[:8]) + (", ..." if len(named) > 8 else "")
+        logger.warning(
+            "%s: %d of %d samples have tokens without rollout routing (%d tokens); they ran with the trainer's own "
+            "routing, the documented fallback (r3/fallback_frac counts it over response tokens). Tokens per "
+            "sample: %s",
+            "compute_log_prob" if forward_only else "update_actor", len(named), samples,
+            sum(n for _, n in named), shown)
+
+    def _label(self, index: int) -> str:
+        return str(index if self._rr_labels is None else self._rr_labels[index])
 
     def forward_step(self, micro_batch, loss_function, forward_only):
         self._close_block()  # the previous micro-batch's backward has run by now
@@ -299,11 +398,14 @@ class RouterReplayEngineMixin:
         routed = None
         if phase != "record":
             samples = micro_batch[SAMPLE_INDEX_KEY]
+            dtype = replay_dtype(self._rr_routing.dtype, self._rr.num_experts, self._rr.top_k)
             routed = micro_batch_routing(self._rr_routing, micro_batch["input_ids"], remove_padding=remove_padding,
                                          pad_size=pad_size, moe_layers=self._rr.moe_layers, samples=samples,
-                                         dtype=narrow_dtype(self._rr.num_experts))
+                                         dtype=dtype, labels=self._rr_labels)
         if phase == "replay":
-            self._rr_block = self._rr.replay(routed)
+            locate = row_locator(micro_batch["input_ids"], remove_padding=remove_padding, width=routed.shape[1],
+                                 samples=samples, labels=self._rr_labels)
+            self._rr_block = self._rr.replay(routed, locate=locate)
         else:
             self._rr_block = self._rr.record()
         handle = self._rr_block.__enter__()
@@ -318,15 +420,39 @@ class RouterReplayEngineMixin:
             native = handle.native_experts if phase == "replay" else handle.routed_experts
             used = None if phase == "replay" else native  # None: replayed rows, native where missing
             mask = _layout_like_input(_response_rows(micro_batch), micro_batch["input_ids"].offsets(),
-                                      remove_padding=remove_padding, pad_size=pad_size, fill=0)
-            stats.update(step_metrics.routing_stats(routed, native, used, mask.to(routed.device), self._rr.moe_layers,
-                                                    replayed=phase == "replay"))
+                                      remove_padding=remove_padding, pad_size=pad_size, fill=0).to(routed.device)
+            replayed_layers = handle.replayed_layers if phase == "replay" else ()
+            stats.update(step_metrics.routing_stats(routed, native, used, mask, self._rr.moe_layers,
+                                                    replayed_layers=replayed_layers))
+            self._count_fallback(routed, micro_batch["input_ids"], samples, remove_padding)
             carried = self._rr_routing.values()
             tokens = int(micro_batch["input_ids"].offsets()[-1] - micro_batch["input_ids"].offsets()[0])
             stats["routing_bytes"] = float(tokens * carried[0].numel() * carried.element_size())
             stats["routing_tokens"] = float(tokens)
         self._add_stats(output, forward_only, stats, started)
         return loss, output
+
+    def _count_fallback(self, routed, input_ids_nested, samples, remove_padding: bool) -> None:
+        """Add each sample's tokens without rollout routing in some MoE layer to the call's tally (every
+        token but its last, which never has a row). Row chunks bound the temporaries; one read back."""
+        moe = sorted(self._rr.moe_layers)
+        rows = routed.reshape(-1, *routed.shape[2:])
+        every = moe == list(range(rows.shape[1]))
+        chunk = max(1, step_metrics._CHUNK_IDS // max(1, rows.shape[1] * rows.shape[2]))
+        missing = torch.cat([missing_rows(part if every else part[:, moe]).any(dim=-1) for part in rows.split(chunk)])
+        offsets = input_ids_nested.offsets().to(device=missing.device, dtype=torch.long)
+        offsets = offsets - offsets[0]
+        lengths = offsets.diff()
+        if remove_padding:
+            running = torch.cat([missing.new_zeros(1, dtype=torch.long), missing.long().cumsum(0)])
+            per_sample = running[offsets[1:]] - running[offsets[:-1]]
+        else:  # right-padded: positions past a sample's length are padding, not tokens
+            valid = torch.arange(routed.shape[1], device=missing.device) < lengths.unsqueeze(1)
+            per_sample = (missing.view(routed.shape[:2]) & valid).sum(dim=1)
+        per_sample = per_sample - (lengths > 0).long()  # the last token's row: missing by convention
+        for index, count in zip(samples.cpu().tolist(), per_sample.tolist()):
+            if count:
+                self._rr_fallback[index] = self._rr_fallback.get(index, 0) + count
 
     @staticmethod
     def _logprob_stats(micro_batch, output) -> dict:
@@ -365,14 +491,31 @@ def _response_rows(micro_batch) -> torch.Tensor:
 
 
 def _per_sample(routed_BTLK: torch.Tensor, input_ids_nested: torch.Tensor, *, remove_padding: bool) -> torch.Tensor:
-    """Recorded ``[B, T, L, K]`` (packed into ``B == 1``, or right-padded) -> jagged blocks per sample."""
+    """Recorded ``[B, T, L, K]`` (packed into ``B == 1``, or right-padded) -> jagged blocks per sample,
+    carried like the rollout's routing (``compact_rows``: ``uint8`` up to 256 experts). Layers without
+    MoE, which the record fills with -1, carry 0 like an engine's; the replay marks them missing."""
     offsets = input_ids_nested.offsets().cpu()
     lengths = offsets.diff().tolist()
     if remove_padding:
         values = routed_BTLK[0, : offsets[-1]]
     else:
         values = torch.cat([routed_BTLK[b, :n] for b, n in enumerate(lengths)])
-    return torch.nested.nested_tensor_from_jagged(values.cpu(), offsets=offsets)
+    values = compact_rows(values.clamp(min=0).cpu())
+    return torch.nested.nested_tensor_from_jagged(values, offsets=offsets)
+
+
+def _sample_labels(data) -> list[str] | None:
+    """Names of a call's samples for messages: their index, with verl's ``uid`` when the batch has one."""
+    try:
+        uids = data.get("uid", None) if hasattr(data, "get") else None
+    except (KeyError, RuntimeError, TypeError):
+        uids = None
+    if uids is None:
+        return None
+    uids = uids.tolist() if hasattr(uids, "tolist") else list(uids)
+    if len(uids) != len(data):
+        return None
+    return [f"{i} (uid {uid})" for i, uid in enumerate(uids)]
 
 
 _ENGINE_CLASS = None

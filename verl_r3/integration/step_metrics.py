@@ -42,11 +42,12 @@ import logging
 import math
 import time
 from collections import defaultdict
+from types import SimpleNamespace
 
 import torch
 
 from verl_r3 import keys
-from verl_r3.core.record import MISSING
+from verl_r3.core.record import MISSING, zero_rows_missing
 from verl_r3.core.metrics import (
     DEFAULT_TAUS,
     mismatch_from_sums,
@@ -55,7 +56,17 @@ from verl_r3.core.metrics import (
     routing_sums,
 )
 
-__all__ = ["STATS_PREFIX", "Collector", "add_stats", "logprob_stats", "routing_stats", "step_figures"]
+__all__ = [
+    "STATS_PREFIX",
+    "Collector",
+    "add_stats",
+    "logprob_stats",
+    "phase_problems",
+    "replay_problems",
+    "replay_settings",
+    "routing_stats",
+    "step_figures",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,14 +108,17 @@ _CHUNK_IDS = 1 << 18
 
 
 def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor | None, token_mask: torch.Tensor,
-                  moe_layers, *, replayed: bool) -> dict[str, float]:
+                  moe_layers, *, replayed_layers=()) -> dict[str, float]:
     """Routing counts of one micro-batch over (response token, MoE layer) pairs.
 
     ``routed`` is the rollout's routing, ``native`` the trainer's own top-k, ``used`` what the
     experts received (``native`` when nothing is replayed; ``None``: the replayed routing, with
     ``native`` where ``routed`` is missing, as ``rr.replay`` routes), all ``[B, T, L, K]`` over
-    every decoder layer; ``token_mask`` ``[B, T]`` selects response tokens. Per-layer counts are
-    keyed by the decoder layer index. Counted in row chunks, so no full-size copy is made."""
+    every decoder layer, signed or ``uint8`` (zero rows missing); ``token_mask`` ``[B, T]`` selects response tokens. ``replayed_layers``
+    are the MoE layers whose router hook actually routed by ``routed`` in the forward
+    (``ReplayHandle.replayed_layers``): ``replayed`` counts their pairs with rollout routing, so a
+    layer that did not replay shows in the step's check. Per-layer counts are keyed by the
+    decoder layer index. Counted in row chunks, so no full-size copy is made."""
     layers = sorted(moe_layers)
     num_layers, k = routed.shape[-2:]
     every_layer = layers == list(range(num_layers))
@@ -113,27 +127,35 @@ def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor
     chunk = max(1, _CHUNK_IDS // max(1, num_layers * k))
     sums: dict = {}
     for begin in range(0, rows[0].shape[0], chunk):
-        r, n, u = (None if t is None else (t[begin:begin + chunk] if every_layer else t[begin:begin + chunk, layers])
+        r, n, u = (None if t is None else _signed(t[begin:begin + chunk] if every_layer else t[begin:begin + chunk, layers])
                    for t in rows)
         if u is None:
             r_n = r.to(n.dtype)
             u = torch.where((r_n == MISSING).all(dim=-1, keepdim=True), n, r_n)
         for key, value in routing_sums(r, n, mask[begin:begin + chunk], used=u).items():
             sums[key] = value if key not in sums else sums[key] + value
-    pairs = float(sums["pairs_L"].sum())
+    pairs_L = sums["pairs_L"].tolist()
     out = {
-        "pairs": pairs,
+        "pairs": float(sum(pairs_L)),
         "differ": float(sums["differ_L"].sum()),
         "differ_used": float(sums["differ_used_L"].sum()),
         "tokens_routed": sums["tokens"],
         "tokens_differ": sums["tokens_differ"],
         "missing": sums["missing"],
-        "replayed": pairs if replayed else 0.0,
+        "replayed": float(sum(p for layer, p in zip(layers, pairs_L) if layer in replayed_layers)),
     }
-    for layer, p, d in zip(layers, sums["pairs_L"].tolist(), sums["differ_L"].tolist()):
+    for layer, p, d in zip(layers, pairs_L, sums["differ_L"].tolist()):
         out[f"pairs_layer/{layer:02d}"] = p
         out[f"differ_layer/{layer:02d}"] = d
     return out
+
+
+def _signed(rows: torch.Tensor) -> torch.Tensor:
+    """A chunk of routing in the signed form ``verl_r3.core.metrics`` reads: ``uint8`` routing's zero
+    rows become ``MISSING`` rows (``verl_r3.core.record``)."""
+    if rows.dtype != torch.uint8:
+        return rows
+    return zero_rows_missing(rows.to(torch.int16))
 
 
 def add_stats(output: dict, *, phase: str, stats: dict[str, float], seconds: float, dp_rank: int,
@@ -267,6 +289,60 @@ def step_figures(infer: dict[str, float], update: dict[str, float]) -> dict[str,
     return out
 
 
+# --------------------------------------------------------------------------- the replay check
+
+
+def replay_problems(mode: str, infer: dict[str, float], update: dict[str, float]) -> list[str]:
+    """What a step's totals say went wrong with replay under ``router_replay.mode`` (empty: the
+    step replayed as configured).
+
+    The phases that must replay: ``update_actor`` under R3 and R2, and ``compute_log_prob`` under
+    R3 when verl ran it through the FSDP engine. In each, every (response token, MoE layer) pair
+    with rollout routing must have been routed by it, counted from the layers whose replay hook
+    actually ran (so ``replay_active_frac == 1 - fallback_frac``), and not every pair may have
+    fallen back (no sample carried routing). A phase with no counts at all did not run in
+    ``FSDPReplayEngine``: replay was never installed.
+    """
+    if mode == "disabled":
+        return []
+    problems = phase_problems("update_actor", update)
+    if mode == "R3" and infer.get("micro_batches"):
+        problems = phase_problems("compute_log_prob", infer) + problems
+    return problems
+
+
+def phase_problems(call: str, totals: dict[str, float]) -> list[str]:
+    """What the totals of one replaying call (``compute_log_prob`` or ``update_actor``) say went
+    wrong (see ``replay_problems``)."""
+    pairs, missing, replayed = totals.get("pairs", 0.0), totals.get("missing", 0.0), totals.get("replayed", 0.0)
+    if not totals.get("micro_batches"):
+        return [f"{call} reported no r3 counts, so its forwards did not run in verl_r3's FSDPReplayEngine and "
+                "nothing was replayed (it needs actor strategy fsdp or fsdp2 and VERL_USE_EXTERNAL_MODULES="
+                "verl_r3.integration.activate in every verl process)"]
+    if pairs + missing == 0:
+        return [f"{call}: no (response token, MoE layer) pair carried routing to replay"]
+    if pairs == 0:
+        return [f"{call}: all {missing:.0f} (response token, MoE layer) pairs fell back to the trainer's own "
+                "routing: no sample carried rollout routing"]
+    if abs(replayed - pairs) > 1e-6 * pairs:
+        return [f"{call}: {replayed:.0f} of {pairs:.0f} (response token, MoE layer) pairs with rollout routing were "
+                f"replayed (replay_active_frac {replayed / (pairs + missing):.6f}, expected 1 - fallback_frac = "
+                f"{pairs / (pairs + missing):.6f}): MoE layers ran without replay"]
+    return []
+
+
+def replay_settings(config) -> tuple[str, bool]:
+    """``(router_replay.mode, router_replay.strict)`` of the actor in a verl trainer config; the
+    mode is ``disabled`` for actors that do not run verl_r3's engine (Megatron, VeOmni)."""
+    from verl_r3.integration.fsdp_replay import router_replay_mode, router_replay_strict
+
+    actor = config.actor_rollout_ref.actor
+    if actor.get("strategy", None) not in ("fsdp", "fsdp2"):
+        return "disabled", True
+    engine = SimpleNamespace(router_replay=(actor.get("fsdp_config", None) or {}).get("router_replay", None))
+    return router_replay_mode(engine), router_replay_strict(engine)
+
+
 # --------------------------------------------------------------------------- activation
 
 
@@ -286,8 +362,30 @@ class TrainerHooks:
     def update_output(self, trainer, output) -> None:
         self._collector(trainer).add_update_output(output)
 
+    def step_failed(self, trainer, error: BaseException) -> None:
+        """A training step raised ``error``: name rollout servers that died (``rollout_health``)."""
+        from verl_r3.integration.rollout_health import explain_step_failure
+
+        explain_step_failure(trainer, error)
+
     def step_end(self, trainer, metrics: dict, timing_raw: dict) -> None:
-        metrics.update(self._collector(trainer).figures(timing_raw.get("step")))
+        """Add the step's ``r3/`` figures, warn about fallback, and run the replay check (an error
+        unless ``router_replay.strict`` is false, then a warning)."""
+        collector = self._collector(trainer)
+        mode, strict = replay_settings(trainer.config)
+        problems = replay_problems(mode, collector.totals["infer"], collector.totals["update"])
+        figures = collector.figures(timing_raw.get("step"))
+        metrics.update(figures)
+        step = getattr(trainer, "global_steps", None)
+        if figures.get(keys.FALLBACK_FRAC):
+            logger.warning("step %s: %s=%.4g: (response token, MoE layer) pairs without rollout routing ran with the "
+                           "trainer's own routing (the documented fallback)", step, keys.FALLBACK_FRAC,
+                           figures[keys.FALLBACK_FRAC])
+        if problems:
+            message = f"verl_r3 replay check, step {step}, router_replay.mode={mode}: " + "; ".join(problems)
+            if strict:
+                raise RuntimeError(message + ". Set router_replay.strict=False to log this as a warning instead")
+            logger.warning(message)
 
 
 TRAINER_MODULE = "verl.trainer.ppo.v1.trainer_base"

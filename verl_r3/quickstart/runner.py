@@ -149,9 +149,12 @@ def run_env(spec: RunSpec, variant: str, base: dict | None = None) -> dict:
 
 
 def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: list[str] = (),
-                log_path: str | None = None, python: str | None = None) -> dict:
+                log_path: str | None = None, python: str | None = None, env: dict | None = None,
+                logged_steps: int | None = None) -> dict:
     """Run ``main_ppo`` for ``variant`` with ``python`` (default: this interpreter); returns
-    {"returncode", "seconds", "log", "metrics"}.
+    {"returncode", "seconds", "log", "metrics"}. ``env`` entries are set on top of the run's
+    environment (``run_env``); ``logged_steps`` is how many steps the run must log (default
+    ``spec.steps``; fewer when it resumes from a checkpoint).
 
     Raises ``RuntimeError`` (with the log's tail) when the run fails or exceeds ``timeout_s``.
     """
@@ -160,7 +163,7 @@ def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: l
     cmd = [python or sys.executable, "-m", "verl.trainer.main_ppo", *merge_overrides(variant_overrides(variant, spec), extra)]
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env(spec, variant),
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**run_env(spec, variant), **(env or {})},
                                 start_new_session=True)
         try:
             code = proc.wait(timeout=timeout_s)
@@ -174,11 +177,12 @@ def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: l
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
-    if code != 0 or len(metrics) < spec.steps:
+    expected = spec.steps if logged_steps is None else logged_steps
+    if code != 0 or len(metrics) < expected:
         with open(log_path, errors="replace") as f:
             tail = f.read()[-6000:]
         why = f"timed out after {timeout_s:.0f}s" if code is None else f"exited with {code}"
-        raise RuntimeError(f"main_ppo for {variant} {why} with {len(metrics)}/{spec.steps} steps logged "
+        raise RuntimeError(f"main_ppo for {variant} {why} with {len(metrics)}/{expected} steps logged "
                            f"(log: {log_path}):\n{tail}")
     return {"returncode": code, "seconds": seconds, "log": log_path, "metrics": metrics}
 
