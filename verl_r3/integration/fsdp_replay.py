@@ -424,7 +424,8 @@ class RouterReplayEngineMixin:
             replayed_layers = handle.replayed_layers if phase == "replay" else ()
             stats.update(step_metrics.routing_stats(routed, native, used, mask, self._rr.moe_layers,
                                                     replayed_layers=replayed_layers))
-            self._count_fallback(routed, micro_batch["input_ids"], samples, remove_padding)
+            if phase == "replay":  # measuring only, every token runs natively: nothing falls back
+                self._count_fallback(routed, micro_batch["input_ids"], samples, remove_padding)
             carried = self._rr_routing.values()
             tokens = int(micro_batch["input_ids"].offsets()[-1] - micro_batch["input_ids"].offsets()[0])
             stats["routing_bytes"] = float(tokens * carried[0].numel() * carried.element_size())
