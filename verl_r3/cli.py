@@ -6,6 +6,9 @@
     verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
     verl-r3 bench e2e [--json] [options]       seconds per quickstart step, GRPO+R3 vs GRPO (verl_r3.bench.e2e)
     verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
+    verl-r3 stress --engine E [--requests N] [--json]
+                                               concurrent requests with capture and aborts, every routing
+                                               row checked against a single-request forward (verl_r3.stress)
     verl-r3 diagnose (--demo | --model DIR) --out DIR
                                                training-inference mismatch with and without R3 (verl_r3.diagnose)
     verl-r3 report RUN_DIR... --out DIR        compare runs from W&B offline dirs or verl .jsonl files (verl_r3.report)
@@ -40,6 +43,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
 
 
@@ -157,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     doctor.set_defaults(func=_doctor)
 
+    stress = commands.add_parser(
+        "stress",
+        help="concurrent requests with routing capture and aborts, checked against single-request forwards",
+        description="Send N concurrent requests of mixed lengths (some sharing a prefix) to a rollout engine with "
+        "routing capture, abort every 8th after a few tokens, then send a follow-up request; compare every "
+        "returned routing row, in every MoE layer, with a transformers fp32 forward of that sequence alone. "
+        "Exit status 1 when a routing differs, an abort was not clean or a request failed (each named).",
+    )
+    stress.add_argument("--engine", required=True, choices=("hf", "vllm", "sglang"), help="rollout engine")
+    stress.add_argument("--requests", type=_positive, default=64, help="concurrent requests (default 64)")
+    stress.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    stress.add_argument("--model", default=None,
+                        help="Hugging Face MoE model directory to serve (default: a tiny fp32 Qwen3-MoE built here)")
+    stress.add_argument("--seed", type=int, default=0, help="seed of the requests and the built model (default 0)")
+    stress.add_argument("--timeout", type=_positive_seconds, default=600.0,
+                        help="seconds the engine may take before its processes are killed (default 600)")
+    stress.set_defaults(func=_stress)
+
     for name, module, summary, description in _MODULE_COMMANDS:
         sub = commands.add_parser(name, help=summary, description=description)
         command = importlib.import_module(module)  # light: each imports its heavy parts when it runs
@@ -257,6 +285,22 @@ def _doctor(args: argparse.Namespace) -> int:
     report = doctor.collect()
     print(json.dumps(report, indent=2) if args.json else doctor.format_report(report))
     return 0
+
+
+def _stress(args: argparse.Namespace) -> int:
+    from verl_r3 import stress
+
+    try:
+        result = stress.run(args.engine, args.requests, model=args.model, seed=args.seed, timeout_s=args.timeout)
+    except (ValueError, RuntimeError) as exc:
+        print(f"verl-r3 stress: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else stress.format_result(result))
+    if result["ok"]:
+        return 0
+    first, more = result["failures"][0], len(result["failures"]) - 1
+    print(f"verl-r3 stress: FAIL: {first}" + (f" (and {more} more)" if more else ""), file=sys.stderr)
+    return 1
 
 
 def format_replay(result: dict) -> str:

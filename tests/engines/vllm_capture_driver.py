@@ -22,7 +22,7 @@ async def main(model: str, spec: dict) -> dict:
             figures = await V.run(engine, [V.EngineRequest(**r) for r in wave])
             waves.append([{
                 "request": c.request, "index": c.index, "prompt_ids": c.prompt_ids, "token_ids": c.token_ids,
-                "aborted": c.aborted, "num_cached_tokens": c.num_cached_tokens,
+                "aborted": c.aborted, "finish_reason": c.finish_reason, "num_cached_tokens": c.num_cached_tokens,
                 "routed_experts": None if c.routed_experts is None else c.routed_experts.tolist(),
                 "dtype": None if c.routed_experts is None else str(c.routed_experts.dtype),
             } for c in figures.completions])

@@ -150,7 +150,9 @@ elif P["mode"] == "R2":
     for i, ids in enumerate(seqs):
         with torch.no_grad(), rr.record() as rec:
             hf(input_ids=ids[None])
-        same.append(torch.equal(recorded[i].to(torch.int16), rec.routed_experts[0]))
+        # Carried like the rollout's routing: uint8, the layer without MoE zero (missing) instead of -1.
+        same.append(recorded[i].dtype == torch.uint8
+                    and torch.equal(recorded[i].to(torch.int16), rec.routed_experts[0].clamp(min=0)))
     result["recorded_equal"] = same
     result["diff_native"] = max_diff(out["model_output"]["log_probs"], [hf_log_probs(ids) for ids in seqs])
 elif P["mode"] == "reference":

@@ -23,18 +23,20 @@ from dataclasses import dataclass, field
 from verl_r3.core.formats import from_vllm
 from verl_r3.core.record import RoutingRecord
 
-__all__ = ["Completion", "EngineRequest", "RunFigures", "counter", "engine_args", "run", "start_engine"]
+__all__ = ["Completion", "EngineRequest", "RunFigures", "counter", "engine_args", "generate_one", "run", "start_engine"]
 
 
 @dataclass
 class EngineRequest:
-    """One prompt, sampled ``n`` times; ``abort_after`` > 0 aborts it after that many tokens."""
+    """One prompt, sampled ``n`` times; ``abort_after`` > 0 aborts it after that many tokens;
+    ``request_id`` is the engine's id (default: unique per call)."""
 
     prompt_ids: list[int]
     max_tokens: int
     n: int = 1
     temperature: float = 1.0
     abort_after: int = 0
+    request_id: str | None = None
 
 
 @dataclass
@@ -46,15 +48,17 @@ class Completion:
     index: int
     prompt_ids: list[int]
     token_ids: list[int]
-    routed_experts: object = None  # numpy array, or None when capture is off or the request was aborted
-    aborted: bool = False
+    routed_experts: object = None  # numpy array, or None when capture is off
+    aborted: bool = False  # vLLM ended it with finish_reason "abort"
     num_cached_tokens: int = 0
+    finish_reason: str | None = None
+    abort_sent: int | None = None  # the tokens streamed when the abort was sent; None: not sent
 
     def record(self, num_experts: int, *, num_layers: int | None = None) -> RoutingRecord:
         """The returned routing as a record (raises when there is none)."""
         if self.routed_experts is None:
             raise ValueError(f"request {self.request} sample {self.index}: the engine returned no routing "
-                             f"({'aborted' if self.aborted else 'capture off?'})")
+                             f"({'aborted before its first token' if self.aborted else 'capture off?'})")
         return from_vllm(self.routed_experts, num_experts, num_layers=num_layers, sample=self.request)
 
 
@@ -92,26 +96,31 @@ def start_engine(model: str, **kw):
     return AsyncLLM.from_engine_args(engine_args(model, **kw))
 
 
-async def _one(engine, index: int, req: EngineRequest) -> list[Completion]:
+async def generate_one(engine, index: int, req: EngineRequest) -> list[Completion]:
+    """Send one request (``index`` names it) and read its stream to the end: after an abort, vLLM
+    ends the stream with ``finish_reason="abort"`` and the routing of the tokens it generated."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(max_tokens=req.max_tokens, n=req.n, temperature=req.temperature, ignore_eos=True,
                             output_kind=RequestOutputKind.CUMULATIVE)
-    request_id = f"r{index}-{uuid.uuid4().hex[:8]}"
+    request_id = req.request_id or f"r{index}-{uuid.uuid4().hex[:8]}"
     latest = {}  # sample index -> its latest cumulative output (samples of n > 1 stream separately)
     cached = 0
-    aborted = False
+    sent = None
     async for out in engine.generate({"prompt_token_ids": list(req.prompt_ids)}, params, request_id):
         latest.update((c.index, c) for c in out.outputs)
         cached = int(out.num_cached_tokens or 0)
-        if req.abort_after and not out.finished and max(len(c.token_ids) for c in latest.values()) >= req.abort_after:
+        streamed = max((len(c.token_ids) for c in latest.values()), default=0)
+        if req.abort_after and sent is None and not out.finished and streamed >= req.abort_after:
+            sent = streamed
             await engine.abort(request_id)
-            aborted = True
-            break
+    if not latest:  # aborted before its first output
+        return [Completion(request=index, index=0, prompt_ids=list(req.prompt_ids), token_ids=[], aborted=True,
+                           finish_reason="abort", abort_sent=sent)]
     return [Completion(request=index, index=i, prompt_ids=list(req.prompt_ids), token_ids=list(c.token_ids),
-                       routed_experts=None if aborted else c.routed_experts, aborted=aborted,
-                       num_cached_tokens=cached)
+                       routed_experts=c.routed_experts, aborted=c.finish_reason == "abort",
+                       num_cached_tokens=cached, finish_reason=c.finish_reason, abort_sent=sent)
             for i, c in sorted(latest.items())]
 
 
@@ -121,7 +130,7 @@ async def run(engine, requests: Sequence[EngineRequest]) -> RunFigures:
     Call from the event loop the engine lives on (``asyncio.run(main())`` around engine start,
     runs and shutdown)."""
     began = time.perf_counter()
-    groups = await asyncio.gather(*(_one(engine, i, r) for i, r in enumerate(requests)))
+    groups = await asyncio.gather(*(generate_one(engine, i, r) for i, r in enumerate(requests)))
     seconds = time.perf_counter() - began
     completions = [c for group in groups for c in group]
     return RunFigures(seconds=seconds, generated_tokens=sum(len(c.token_ids) for c in completions),

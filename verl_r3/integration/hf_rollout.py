@@ -12,11 +12,20 @@ What verl needs from a rollout backend, and what this module gives it
     with ``rollout.enable_rollout_routing_replay``, the routing as a ``[n - 1, layers, top_k]``
     int array over the ``n`` prompt + response tokens (row ``i`` is the experts that token
     ``i`` was routed to; the last token is never fed to the model, so it has no row, as in
-    vLLM). Concurrent requests are batched: those waiting when a batch starts are
-    generated together (left-padded, one KV cache), the rest wait for the next batch.
-    ``HFReplica`` launches it (verl's ``RolloutReplicaRegistry``); ``HFRolloutAdapter`` is the
-    worker-side half (``_ROLLOUT_REGISTRY``) that streams the actor's weights into it every
-    step.
+    vLLM). Concurrent requests are batched by ``HFBatcher`` (no verl objects; ``verl-r3
+    stress`` drives it directly): those waiting when a batch starts are generated together
+    (left-padded, one KV cache), the rest wait for the next batch. ``HFReplica`` launches the
+    server (verl's ``RolloutReplicaRegistry``); ``HFRolloutAdapter`` is the worker-side half
+    (``_ROLLOUT_REGISTRY``) that streams the actor's weights into it every step.
+
+Aborts
+    ``abort_request(request_id)`` stops one request. Still queued, it ends at once with no
+    tokens. Running, it ends at the generator's next decode step while the rest of its batch
+    goes on; it returns the tokens sampled so far, their log-probs, and routing rows for exactly
+    the tokens fed (prompt + tokens - 1), with ``stop_reason="aborted"``. A request that
+    finishes before that step returns ``"completed"``, as in vLLM. ``abort_all_requests`` stops
+    the whole running batch the same way, ends every queued request, and parks new ones until
+    ``resume_generation``.
 
 Sampling and log-probs
     ``temperature`` (0 means greedy), ``top_k`` and ``top_p`` shape the sampling
@@ -51,7 +60,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -61,6 +70,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "NAME",
+    "HFBatcher",
     "HFGenerator",
     "Request",
     "Result",
@@ -136,6 +146,11 @@ class Request:
     top_p: float = 1.0
     ignore_eos: bool = False
     seed: int | None = None  # sampling seed of this request; None: the generator's own stream
+    request_id: str | None = None  # the caller's name for it (HFBatcher.abort finds it by this)
+    # Set from any thread to stop this request at the generator's next decode step.
+    stop: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    # Tokens sampled so far, written by the generator after every step (read by progress()).
+    generated: int = field(default=0, compare=False)
 
 
 @dataclass
@@ -254,8 +269,8 @@ class HFGenerator:
                          use_cache=True)
         tokens_T, logps_T = [], []
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        aborted = torch.zeros(B, dtype=torch.bool, device=self.device)
         produced = torch.zeros(B, dtype=torch.long, device=self.device)
-        aborted = False
         for step in range(max_new):
             token, logp = self._sample(out.logits[:, -1], reqs, streams)
             token = torch.where(done, torch.full_like(token, self.pad), token)
@@ -265,10 +280,14 @@ class HFGenerator:
             hit_eos = (token.unsqueeze(-1) == self.eos).any(-1) & stop_on_eos if self.eos.numel() else \
                 torch.zeros_like(done)
             done |= hit_eos | (produced >= limit)
+            for r, n in zip(reqs, produced.tolist()):
+                r.generated = n
+            # A stopped request keeps the token it just sampled; that token is never fed, so its
+            # routing ends at prompt + tokens - 1 rows like everyone else's.
+            stop = torch.tensor([self.abort.is_set() or r.stop.is_set() for r in reqs], device=self.device) & ~done
+            aborted |= stop
+            done |= stop
             if bool(done.all()):
-                break
-            if self.abort.is_set():
-                aborted = True
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
             position = position[:, -1:] + 1
@@ -289,14 +308,106 @@ class HFGenerator:
                 prompt_rows = routing[b, P - lengths[b]:P]
                 resp_rows = routing[b, P:P + max(n - 1, 0)]
                 routed = torch.cat([prompt_rows, resp_rows]).numpy().astype(np.int32)
-            finished = bool(done[b])
             results.append(Result(
                 token_ids=tokens[b, :n].tolist(),
                 log_probs=logps[b, :n].tolist(),
                 routed_experts=routed,
-                stop_reason="completed" if finished or not aborted else "aborted",
+                stop_reason="aborted" if bool(aborted[b]) else "completed",
             ))
         return results
+
+
+# -- batching front -------------------------------------------------------------------------
+class HFBatcher:
+    """Concurrent requests onto one ``HFGenerator``, batch by batch, with per-request abort.
+
+    Lives on one asyncio event loop (call every method from it); generation runs in a worker
+    thread. Requests waiting when a batch starts (after ``batch_wait_s``, so that concurrent
+    arrivals meet) are generated together, up to ``max_batch``; the rest wait for the next.
+    """
+
+    def __init__(self, generator: HFGenerator, *, max_batch: int = 256, batch_wait_s: float = 0.02) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.generator = generator
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        self.batches = 0  # batches generated so far
+        self._pending: list[tuple[Request, asyncio.Future]] = []
+        self._running: list[Request] = []
+        self._wake: asyncio.Event | None = None
+        self._loop_task = None
+        self._gate_open = True
+
+    async def generate(self, req: Request) -> Result:
+        """Queue ``req`` and wait for its result (errors of its batch are raised here)."""
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((req, future))
+        if self._loop_task is None or self._loop_task.done():  # first call, or a new event loop
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        self._wake.set()
+        return await future
+
+    def abort(self, request_id: str) -> bool:
+        """Stop every request named ``request_id``: queued ones end now with no tokens, running
+        ones at the next decode step. False when none is queued or running."""
+        queued = [(r, f) for r, f in self._pending if r.request_id == request_id]
+        self._pending = [(r, f) for r, f in self._pending if r.request_id != request_id]
+        for _, fut in queued:
+            if not fut.done():
+                fut.set_result(Result([], [], None, "aborted"))
+        running = [r for r in self._running if r.request_id == request_id]
+        for r in running:
+            r.stop.set()
+        return bool(queued or running)
+
+    def progress(self, request_id: str) -> int | None:
+        """Tokens generated so far by ``request_id`` (0 while queued); None when it is neither
+        queued nor running."""
+        for r in self._running:
+            if r.request_id == request_id:
+                return r.generated
+        return 0 if any(r.request_id == request_id for r, _ in self._pending) else None
+
+    def abort_all(self) -> int:
+        """Stop the running batch, end every queued request and park new ones until ``resume``;
+        returns how many queued requests were ended."""
+        self._gate_open = False
+        self.generator.abort.set()
+        pending, self._pending = self._pending, []
+        for _, fut in pending:
+            if not fut.done():
+                fut.set_result(Result([], [], None, "aborted"))
+        return len(pending)
+
+    def resume(self) -> None:
+        self.generator.abort.clear()
+        self._gate_open = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(self.batch_wait_s)  # let concurrent requests arrive
+            while self._pending and self._gate_open:
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                self._running = [r for r, _ in batch]
+                self.batches += 1
+                try:
+                    results = await asyncio.to_thread(self.generator.generate, self._running)
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                finally:
+                    self._running = []
+                for (_, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
 
 
 # -- verl: server, replica, worker-side adapter ---------------------------------------------
@@ -333,15 +444,13 @@ class HFRolloutServer:
         self.seed = int(getattr(self.config, "seed", 0) or 0) + replica_rank
         self.global_steps = None
         self._repeats: dict[tuple[int, ...], int] = {}
-        self._pending: list[tuple[Request, asyncio.Future]] = []
-        self._wake: asyncio.Event | None = None
-        self._loop_task = None
-        self._gate_open = True
+        self.batcher = HFBatcher(self.engine, max_batch=int(getattr(self.config, "max_num_seqs", 256) or 256),
+                                 batch_wait_s=batch_wait_s)
         logger.info("hf rollout server %d: %s in %s on %s, routing capture %s", replica_rank, path,
                     self.config.dtype, device, self.engine.rr is not None)
 
     # requests ----------------------------------------------------------------------------
-    def _request(self, prompt_ids, sampling_params: dict) -> Request:
+    def _request(self, prompt_ids, sampling_params: dict, request_id: str | None = None) -> Request:
         params = dict(sampling_params)
         n_prompt = len(prompt_ids)
         max_len = int(self.config.prompt_length + self.config.response_length)
@@ -361,6 +470,7 @@ class HFRolloutServer:
             prompt_ids=ids, max_tokens=max_tokens, seed=int.from_bytes(digest, "little") >> 1,
             temperature=float(params.get("temperature", 1.0)), top_k=int(params.get("top_k", -1) or -1),
             top_p=float(params.get("top_p", 1.0)), ignore_eos=bool(params.get("ignore_eos", False)),
+            request_id=request_id,
         )
 
     async def generate(self, prompt_ids, sampling_params, request_id, image_data=None, video_data=None,
@@ -369,42 +479,13 @@ class HFRolloutServer:
 
         if image_data or video_data or audio_data:
             raise ValueError(f"request {request_id}: the hf rollout serves text only")
-        req = self._request(prompt_ids, sampling_params)
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((req, future))
-        self._ensure_loop()
-        self._wake.set()
-        result: Result = await future
+        result = await self.batcher.generate(self._request(prompt_ids, sampling_params, request_id))
         routed = result.routed_experts if self.config.enable_rollout_routing_replay else None
         return TokenOutput(
             token_ids=result.token_ids, log_probs=result.log_probs, routed_experts=routed,
             stop_reason=result.stop_reason, num_preempted=0,
             extra_fields={"global_steps": self.global_steps},
         )
-
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._wake = self._wake or asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
-
-    async def _batch_loop(self) -> None:
-        max_seqs = int(getattr(self.config, "max_num_seqs", 256) or 256)
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.batch_wait_s)  # let concurrent requests arrive
-            while self._pending and self._gate_open:
-                batch, self._pending = self._pending[:max_seqs], self._pending[max_seqs:]
-                try:
-                    results = await asyncio.to_thread(self.engine.generate, [r for r, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - handed to every waiting request
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), res in zip(batch, results):
-                    if not fut.done():
-                        fut.set_result(res)
 
     # weights -----------------------------------------------------------------------------
     async def load_weights(self, named: list[tuple[str, torch.Tensor]], global_steps=None) -> int:
@@ -442,22 +523,17 @@ class HFRolloutServer:
 
     async def abort_all_requests(self, reject_request: bool = False, **kwargs) -> dict:
         """Stop the running batch (its requests return what they have, stop_reason aborted) and park new ones."""
-        self._gate_open = False
-        self.engine.abort.set()
-        pending, self._pending = self._pending, []
-        for _, fut in pending:
-            if not fut.done():
-                fut.set_result(Result([], [], None, "aborted"))
-        return {"aborted_count": len(pending), "request_ids": []}
+        return {"aborted_count": self.batcher.abort_all(), "request_ids": []}
 
     async def resume_generation(self):
-        self.engine.abort.clear()
-        self._gate_open = True
-        if self._wake is not None:
-            self._wake.set()
+        self.batcher.resume()
 
     async def abort_request(self, request_id: str, **kwargs) -> dict:
-        return {"aborted": False, "request_id": request_id, "error": "the hf rollout aborts whole batches only"}
+        """Stop one request (see "Aborts" in the module docstring); verl's vLLM server's answer shape."""
+        if self.batcher.abort(request_id):
+            return {"aborted": True, "request_id": request_id}
+        return {"aborted": False, "request_id": request_id,
+                "error": f"request {request_id} is neither queued nor running"}
 
 
 @functools.cache
