@@ -36,12 +36,12 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 
 from verl_r3 import keys, wandb_naming
+from verl_r3.child import run_child
 
 __all__ = ["DEFAULT_NAME", "LAYER_REGEX", "PANELS", "PanelSpec", "add_arguments", "build_workspace", "main",
            "panel_table", "save_workspace", "workspace_spec"]
@@ -181,23 +181,15 @@ def save_workspace(entity: str, project: str, *, name: str = DEFAULT_NAME, group
     """
     payload = json.dumps({"entity": entity, "project": project, "name": name, "group": group})
     cmd = [sys.executable, "-c", "from verl_r3.wandb_dashboard import _save_child; _save_child()", payload]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        out = err = None
-    finally:
-        try:  # the child's group holds the W&B service process (wandb-core) too
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    if out is None:
+    # The child's process group holds the W&B service process (wandb-core) too.
+    child = run_child(cmd, timeout_s=timeout_s, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if child.timed_out:
         raise RuntimeError(f"no answer from the W&B server within {timeout_s:g} s (--timeout)")
+    out, err = child.stdout, child.stderr
     try:
         result = json.loads(out.strip().splitlines()[-1])
     except (IndexError, ValueError):
-        raise RuntimeError(f"the W&B client exited with {proc.returncode}: {(err or '').strip()[-2000:]}") from None
+        raise RuntimeError(f"the W&B client exited with {child.returncode}: {(err or '').strip()[-2000:]}") from None
     if "error" in result:
         raise RuntimeError(result["error"])
     return result["url"]

@@ -32,11 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from verl_r3.child import run_child
+
 __all__ = ["ENGINES", "TARGET_RATIO", "run"]
 
 ENGINES = ("hf", "vllm", "sglang")
 TARGET_RATIO = 0.99
 MAX_POSITIONS = 256  # the quickstart architecture's max_position_embeddings
+SGLANG_TIMEOUT_S = 1800
 
 
 def machine(**extra) -> dict:
@@ -166,10 +169,13 @@ def _run_sglang(**kw) -> dict:
     for key, value in kw.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"SGLang benchmark failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # SGLang's scheduler and detokenizer die with the child, also when it hangs.
+    child = run_child(args, timeout_s=SGLANG_TIMEOUT_S, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                      env=env)
+    if child.returncode != 0:
+        why = f"did not finish within {SGLANG_TIMEOUT_S} s" if child.timed_out else f"failed ({child.returncode})"
+        raise RuntimeError(f"SGLang benchmark {why}:\n{(child.stderr or '')[-4000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from verl_r3 import wandb_naming
+from verl_r3.child import run_child
 from verl_r3.integration import cpu_settings
 
 __all__ = ["DEFAULT_VARIANTS", "VARIANTS", "RunSpec", "cpu_overrides", "merge_overrides", "variant_overrides", "run_env", "run_variant"]
@@ -163,14 +163,8 @@ def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: l
     cmd = [python or sys.executable, "-m", "verl.trainer.main_ppo", *merge_overrides(variant_overrides(variant, spec), extra)]
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**run_env(spec, variant), **(env or {})},
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            _kill_group(proc)
+        code = run_child(cmd, timeout_s=timeout_s, stdout=log, stderr=subprocess.STDOUT,
+                         env={**run_env(spec, variant), **(env or {})}).returncode
     seconds = time.time() - start
     metrics_path = os.path.join(spec.out_dir, f"{variant}.jsonl")
     metrics = []
@@ -185,12 +179,3 @@ def run_variant(variant: str, spec: RunSpec, *, timeout_s: float = 900, extra: l
         raise RuntimeError(f"main_ppo for {variant} {why} with {len(metrics)}/{expected} steps logged "
                            f"(log: {log_path}):\n{tail}")
     return {"returncode": code, "seconds": seconds, "log": log_path, "metrics": metrics}
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """Kill the run and everything it started (Ray's raylet, workers, actors)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()

@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from verl_r3.child import run_child
 from verl_r3.stress import workload
 
 __all__ = ["ENGINES", "MODEL", "format_result", "run"]
@@ -85,19 +85,9 @@ def _serve_in_child(spec: dict, python: str, work: Path, timeout_s: float) -> di
     env.pop("SGLANG_USE_CPU_ENGINE", None)  # SGLang's own CPU engine needs a CPU build of sgl-kernel
     spec_path, out_path, log_path = work / "spec.json", work / "served.json", work / f"{spec['engine']}.log"
     spec_path.write_text(json.dumps(spec))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([python, "-m", "verl_r3.stress.serve", str(spec_path), str(out_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            try:  # the engine's own processes too, whether it hung or left them behind
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    with open(log_path, "w") as log:  # the engine's own processes die with the child, hung or not
+        code = run_child([python, "-m", "verl_r3.stress.serve", str(spec_path), str(out_path)], timeout_s=timeout_s,
+                         stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     tail = log_path.read_text(errors="replace")[-3000:]
     if code is None:
         raise RuntimeError(f"the {spec['engine']} engine did not finish within {timeout_s:.0f} s; its process group "
