@@ -23,10 +23,10 @@ Consumption and checkpointing
     Every MoE layer consumes its targets exactly once per model forward; a layer that is
     skipped (a hub kernel bypassing the router, a module replaced after binding) or called
     twice fails the forward loudly, and a replay block left without any forward of the bound
-    model (another instance of the model was called) fails when it closes. A router call during backward is an activation
-    checkpoint recompute: inside the block it replays the same targets (and is not counted
-    again); after the block it raises, because the native routing it would use is not what
-    the saved forward used.
+    model (another instance of the model was called) fails when it closes. A router call
+    during backward is an activation checkpoint recompute: inside the block it replays the same
+    targets (and is not counted again); after the block it raises, because the native routing
+    it would use is not what the saved forward used.
 
 Fallback (the one documented exception to strict replay)
     Rows that are ``MISSING`` in all K slots use the trainer's native top-k for exactly
@@ -393,7 +393,7 @@ class RouterReplay:
 
     def _keep_native(self, fwd: _Forward, index: int, idx_NK: torch.Tensor) -> None:
         """Write a layer's native ``[B*T, K]`` ids into the forward's ``[B, T, L, K]`` routing (allocated
-        at its first layer; layers without MoE hold -1)."""
+        at its first layer; layers without MoE hold missing rows)."""
         if fwd.native is None:
             shape = fwd.shape or (1, idx_NK.shape[0])
             # Under replay in the routing's own dtype (validated to hold every id, uint8 included: its
@@ -408,8 +408,8 @@ class RouterReplay:
         """One layer's replay targets ``[B*T, K]`` (long) and missing rows ``[B*T]``: cut from the routing
         when the layer runs (and again when a checkpoint recomputes it), never cached, so a block holds
         no copy of the routing beyond the caller's tensor."""
-        rows = self._routed[:, :, layer.index].reshape(-1, self.top_k)
-        return rows.to(device=device, dtype=torch.long), missing_rows(rows).to(device)
+        rows = self._routed[:, :, layer.index].reshape(-1, self.top_k).to(device)
+        return rows.to(torch.long), missing_rows(rows)
 
     def _route(self, layer: _Layer, scores, weights, idx_NK):
         """Returns None (keep native) or the swapped ``(weights_NK, idx_NK)``."""

@@ -123,7 +123,7 @@ def micro_batch_routing(
     moe_layers: Collection[int] | None = None, samples: torch.Tensor | None = None, dtype: torch.dtype | None = None,
     labels: Sequence | None = None,
 ) -> torch.Tensor:
-    """Dense signed ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
+    """Dense ``[B, T, L, K]`` routing laid out like the model input verl builds for a micro-batch.
 
     ``routed_nested`` holds one ``[n, L, K]`` block per sample: of the micro-batch itself, or,
     with ``samples`` (the micro-batch's sample indices into it), of the whole batch the engine
@@ -147,11 +147,10 @@ def micro_batch_routing(
     if samples is not None:
         routed_lengths = routed_lengths[samples.cpu().to(torch.long)]
     lengths = input_ids_nested.offsets().diff().cpu()
-    picked = list(range(len(routed_lengths))) if samples is None else samples.cpu().tolist()
+    names = _sample_names(len(routed_lengths), samples, labels)
 
     def name(b: int) -> str:
-        index = picked[b] if b < len(picked) else b
-        return str(index if labels is None else labels[index])
+        return names[b] if b < len(names) else str(b)
 
     if routed_lengths.shape != lengths.shape or not torch.equal(routed_lengths, lengths):
         bad = (routed_lengths != lengths).nonzero() if routed_lengths.shape == lengths.shape else torch.tensor([0])
@@ -219,8 +218,7 @@ def row_locator(input_ids_nested: torch.Tensor, *, remove_padding: bool, width: 
     Samples are named as ``micro_batch_routing`` names them; rows past the last sample are
     verl's static pad."""
     lengths = input_ids_nested.offsets().diff().cpu().tolist()
-    picked = list(range(len(lengths))) if samples is None else samples.cpu().tolist()
-    names = [str(i if labels is None else labels[i]) for i in picked]
+    names = _sample_names(len(lengths), samples, labels)
     starts = [0]
     for n in lengths:
         starts.append(starts[-1] + n)
@@ -235,6 +233,13 @@ def row_locator(input_ids_nested: torch.Tensor, *, remove_padding: bool, width: 
         return names[b], flat_row - starts[b]
 
     return locate
+
+
+def _sample_names(count: int, samples: torch.Tensor | None, labels: Sequence | None) -> list[str]:
+    """Names of a micro-batch's ``count`` samples: their index in the call's batch (``samples``, or
+    0..count-1), as ``labels`` gives it when given."""
+    indices = range(count) if samples is None else samples.cpu().tolist()
+    return [str(i if labels is None else labels[i]) for i in indices]
 
 
 def _router_replay_key(engine_config, key: str, default):
@@ -342,7 +347,7 @@ class RouterReplayEngineMixin:
         self._rr_phase = self._phase(data, forward_only)
         self._rr_routing = None
         self._rr_labels = None
-        self._rr_fallback = {}  # sample (index in this call's batch) -> response tokens without rollout routing
+        self._rr_fallback = {}  # sample (index in this call's batch) -> its tokens without rollout routing
         if self._rr_phase in ("replay", "observe"):
             # verl splits every field of the batch into micro-batch copies before the first forward;
             # the routing stays here once and each micro-batch's rows are cut from it by sample index.
@@ -365,20 +370,18 @@ class RouterReplayEngineMixin:
             self._rr_labels = None
 
     def _log_fallback(self, forward_only: bool, samples: int) -> None:
-        """One warning per call naming the samples whose response tokens had no rollout routing."""
+        """One warning per call naming the samples with tokens that had no rollout routing."""
         if not self._rr_fallback:
             return
         named = sorted(self._rr_fallback.items())
-        shown = ", ".join(f"{self._label(i)}: {n}" for i, n in named[:8]) + (", ..." if len(named) > 8 else "")
+        labels = _sample_names(samples, None, self._rr_labels)
+        shown = ", ".join(f"{labels[i]}: {n}" for i, n in named[:8]) + (", ..." if len(named) > 8 else "")
         logger.warning(
             "%s: %d of %d samples have tokens without rollout routing (%d tokens); they ran with the trainer's own "
             "routing, the documented fallback (r3/fallback_frac counts it over response tokens). Tokens per "
             "sample: %s",
             "compute_log_prob" if forward_only else "update_actor", len(named), samples,
             sum(n for _, n in named), shown)
-
-    def _label(self, index: int) -> str:
-        return str(index if self._rr_labels is None else self._rr_labels[index])
 
     def forward_step(self, micro_batch, loss_function, forward_only):
         self._close_block()  # the previous micro-batch's backward has run by now

@@ -114,8 +114,9 @@ def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor
     ``routed`` is the rollout's routing, ``native`` the trainer's own top-k, ``used`` what the
     experts received (``native`` when nothing is replayed; ``None``: the replayed routing, with
     ``native`` where ``routed`` is missing, as ``rr.replay`` routes), all ``[B, T, L, K]`` over
-    every decoder layer, signed or ``uint8`` (zero rows missing); ``token_mask`` ``[B, T]`` selects response tokens. ``replayed_layers``
-    are the MoE layers whose router hook actually routed by ``routed`` in the forward
+    every decoder layer, signed or ``uint8`` (zero rows missing); ``token_mask`` ``[B, T]`` selects
+    response tokens. ``replayed_layers`` are the MoE layers whose router hook actually routed by
+    ``routed`` in the forward
     (``ReplayHandle.replayed_layers``): ``replayed`` counts their pairs with rollout routing, so a
     layer that did not replay shows in the step's check. Per-layer counts are keyed by the
     decoder layer index. Counted in row chunks, so no full-size copy is made."""
@@ -127,7 +128,8 @@ def routing_stats(routed: torch.Tensor, native: torch.Tensor, used: torch.Tensor
     chunk = max(1, _CHUNK_IDS // max(1, num_layers * k))
     sums: dict = {}
     for begin in range(0, rows[0].shape[0], chunk):
-        r, n, u = (None if t is None else _signed(t[begin:begin + chunk] if every_layer else t[begin:begin + chunk, layers])
+        r, n, u = (None if t is None else _signed(t[begin:begin + chunk] if every_layer
+                                                  else t[begin:begin + chunk, layers])
                    for t in rows)
         if u is None:
             r_n = r.to(n.dtype)
