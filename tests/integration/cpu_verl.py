@@ -38,3 +38,16 @@ def run_cpu_verl(body: str, case: dict, timeout_s: int = 300, paths: tuple[str, 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no RESULT line:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def ppo_inputs(root, reward_source: str) -> tuple:
+    """What a ``main_ppo`` test run reads, written under ``root``: the quickstart's tiny model (no
+    warm start), 64 training and 8 test prompts, and a reward file holding ``reward_source``.
+    Returns (root, model_dir, train_file, val_file, reward_file)."""
+    from verl_r3.quickstart import data, model
+
+    model.build_model_dir(root / "model", warm_start_steps=0, log=None)
+    train, val = data.write_parquet(root / "data", train_size=64, test_size=8, seed=0)
+    reward = root / "reward.py"
+    reward.write_text(reward_source)
+    return root, str(root / "model"), str(train), str(val), str(reward)

@@ -43,6 +43,23 @@ def model_dir(**config_kw):
     return path, cfg, hf_tok
 
 
+def replay_setup(prompt_lens, resp_lens, seed=1):
+    """What a replay-engine case starts from: verl's FSDP engines and FSDPReplayEngine registered for
+    the CPU, the tiny model (``model_dir()``), one random sequence per (prompt, response) length pair
+    and the Hugging Face model holding the same weights: (path, config, tokenizer, seqs, hf_model,
+    generator), the generator advanced past the sequences for any further draws."""
+    from verl_r3.integration.fsdp_cpu import register_cpu_engines
+    from verl_r3.integration.fsdp_replay import register_replay_engines
+
+    register_cpu_engines()
+    register_replay_engines()
+    path, cfg, tok = model_dir()
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 256, (p + r,), generator=g) for p, r in zip(prompt_lens, resp_lens)]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return path, cfg, tok, seqs, hf, g
+
+
 _pg_started = False
 
 

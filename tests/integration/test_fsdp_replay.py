@@ -18,26 +18,17 @@ _BODY = r'''
 import copy, json, os
 import torch
 import verl  # loads the CPU platform (VERL_USE_EXTERNAL_MODULES)
-from transformers import AutoModelForCausalLM
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import no_padding_2_padding
 
 import engine_harness as H
 from verl_r3 import MISSING, RouterReplay
-from verl_r3.integration.fsdp_cpu import register_cpu_engines
 from verl_r3.core.metrics import logprob_mismatch
-from verl_r3.integration.fsdp_replay import register_replay_engines
 from verl_r3.integration.step_metrics import step_figures, take_stats
 
 P = json.loads(os.environ["CASE"])
-register_cpu_engines()
-register_replay_engines()
-path, cfg, tok = H.model_dir()
-g = torch.Generator().manual_seed(1)
 prompt_lens, resp_lens = [3, 5, 2], [4, 2, 6]
-seqs = [torch.randint(3, 256, (p + r,), generator=g) for p, r in zip(prompt_lens, resp_lens)]
-
-hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+path, cfg, tok, seqs, hf, g = H.replay_setup(prompt_lens, resp_lens)
 # "Rollout" routing: recorded on a copy whose routers were perturbed, so it differs from the trainer's.
 other = copy.deepcopy(hf)
 with torch.no_grad():

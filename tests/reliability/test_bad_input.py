@@ -100,24 +100,15 @@ _BODY = r'''
 import json, logging, os
 import torch
 import verl  # loads the CPU platform (VERL_USE_EXTERNAL_MODULES)
-from transformers import AutoModelForCausalLM
-from tensordict import TensorDict
 
 import bad_input_cases as C
 import engine_harness as H
 from verl_r3 import RouterReplay
 from verl_r3.core.record import compact_rows
-from verl_r3.integration.fsdp_cpu import register_cpu_engines
-from verl_r3.integration.fsdp_replay import register_replay_engines
 from verl_r3.integration.step_metrics import phase_problems, step_figures, take_stats
 
-register_cpu_engines()
-register_replay_engines()
-path, cfg, tok = H.model_dir()
-g = torch.Generator().manual_seed(1)
 prompt_lens, resp_lens = [4, 5, 3], [5, 3, 6]
-seqs = [torch.randint(3, 256, (p + r,), generator=g) for p, r in zip(prompt_lens, resp_lens)]
-hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+path, cfg, tok, seqs, hf, _ = H.replay_setup(prompt_lens, resp_lens)
 rr = RouterReplay(hf)
 own = []
 for ids in seqs:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 
 import pytest
 
 pytest.importorskip("verl")
 
-from verl_r3.quickstart import data, model  # noqa: E402
-from verl_r3.quickstart.runner import RunSpec, run_variant  # noqa: E402
-
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "integration"))
+
+from cpu_verl import ppo_inputs  # noqa: E402
+
+from verl_r3.quickstart.runner import RunSpec, run_variant  # noqa: E402
 TIMEOUT_S = 420
 PROMPTS, N = 4, 2
 
@@ -36,12 +39,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    model.build_model_dir(root / "model", warm_start_steps=0, log=None)
-    train, val = data.write_parquet(root / "data", train_size=64, test_size=8, seed=0)
-    reward = root / "reward.py"
-    reward.write_text(_REWARD)
-    return root, str(root / "model"), str(train), str(val), str(reward)
+    return ppo_inputs(tmp_path_factory.mktemp("faults"), _REWARD)
 
 
 def _run(setup, name: str, *, steps: int, fault: str = "", engine: str = "hf", extra=(), ckpt: str | None = None,
@@ -80,9 +78,12 @@ def test_a_worker_killed_mid_step_resumes_from_the_checkpoint_with_r3_and_no_los
 
     resumed = _run(setup, "resumed", steps=4, ckpt=ckpt, extra=["trainer.resume_mode=auto"], logged_steps=2)
     assert [m["step"] for m in resumed["metrics"]] == [3, 4]
+    config = json.loads((setup[0] / "model" / "config.json").read_text())
     for m in resumed["metrics"]:
         assert m["data"]["r3/replay_active_frac"] == 1.0 and m["data"]["r3/fallback_frac"] == 0.0
         assert m["data"]["r3/router_disagree_replayed"] == 0.0 and m["data"]["actor/grad_norm"] > 0
+        # The hf engine's routing reached the trainer one byte per id.
+        assert m["data"]["r3/routing_bytes_per_token"] == config["num_hidden_layers"] * config["num_experts_per_tok"]
     # The killed run trained steps 1 and 2 (rows 0-7) and scored step 3 before dying; the resumed run
     # trained steps 3 and 4 (rows 8-15). Together: every row of steps 1-4 trained once per sample.
     killed, again = _seen(setup, "killed"), _seen(setup, "resumed")
