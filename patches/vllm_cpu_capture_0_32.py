@@ -10,6 +10,13 @@ What it patches
       Model Runner V2 does: the connector binds its capturer to every MoE router, starts each
       step with the scheduler's metadata, snapshots the step's routing after the forward and
       hands its per-request rows to the ``ModelRunnerOutput``.
+    - Two parts of that path are the patch's own: without data parallelism the routers'
+      capture callback is rebound to ``StepCapturer``, which keeps each layer's ids as one
+      narrowed tensor and stacks them once per step, instead of vLLM's per-layer slice write
+      into an int32 ``[tokens, layers, top_k]`` buffer; and the step's per-request rows travel
+      from the worker process to the engine core as one ``StepRouting`` (one array, pickled
+      once) instead of a dict of small arrays (where the executor runs the worker in a process
+      of its own, as verl's ``mp`` does).
 
     Everything downstream is vLLM's unchanged: the scheduler-side connector, the block-keyed
     routing store kept beside the prefix cache (so prefix-cache hits get the routing of the
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Mapping
 from types import SimpleNamespace
 
 import numpy as np
@@ -57,6 +65,93 @@ NAME = "vllm_cpu_capture_0_32"
 SUPPORTED = ">=0.32.0,<0.33.0"
 
 _originals: dict[str, object] = {}  # "Class.method" -> original function, while applied
+
+
+class StepCapturer:
+    """The routing of the current forward, one tensor per MoE layer as the router produced it
+    (narrowed to the output dtype); ``snapshot_routing_data`` stacks them into the step's
+    ``[tokens, layers, top_k]`` rows and starts the next forward empty.
+
+    Stands in for vLLM's ``RoutedExpertsCapturer`` where that one only copies: a single data
+    parallel rank (no rows of other ranks to cut out). Layers that never routed (dense layers)
+    get zero rows, as in vLLM's zero-initialised buffer."""
+
+    def __init__(self, native) -> None:
+        self.shape_per_token = tuple(native.shape_per_token)
+        self.output_dtype_name = native.output_dtype_name
+        self.output_dtype = native.output_dtype
+        self._layers: list = [None] * self.shape_per_token[0]
+
+    def capture(self, layer_id: int, topk_ids) -> None:
+        if not 0 <= layer_id < len(self._layers):
+            raise IndexError(f"{NAME}: routed-experts layer {layer_id} is outside the model's "
+                             f"{len(self._layers)} layers")
+        self._layers[layer_id] = topk_ids.to(self.output_dtype)
+
+    def snapshot_routing_data(self, num_tokens: int):
+        import torch
+
+        layers, self._layers = self._layers, [None] * len(self._layers)
+        present = [t for t in layers if t is not None]
+        if not present:
+            raise RuntimeError(f"{NAME}: no MoE layer routed in this step's forward; routing capture has nothing "
+                               "to return")
+        short = [i for i, t in enumerate(layers) if t is not None and t.shape[0] < num_tokens]
+        if short:
+            raise RuntimeError(f"{NAME}: layers {short} routed fewer than the step's {num_tokens} tokens")
+        blank = None
+        rows = []
+        for t in layers:
+            if t is None:
+                if blank is None:
+                    blank = present[0].new_zeros((num_tokens, self.shape_per_token[1]))
+                t = blank
+            rows.append(t if t.shape[0] == num_tokens else t[:num_tokens])
+        return torch.stack(rows, dim=1)
+
+
+_AuxRequestOutput = None  # vLLM's per-request output class, imported with the first StepRouting
+
+
+class StepRouting(Mapping):
+    """One step's per-request routing (``request id -> AuxRequestOutput``, what vLLM's scheduler
+    reads) held as one array: it pickles as a handful of objects, not one array per request."""
+
+    __slots__ = ("ids", "starts", "bounds", "rows", "_index")
+
+    def __init__(self, ids: tuple, starts: list, bounds: list, rows) -> None:
+        if rows is not None and not rows.flags.writeable:
+            rows = rows.copy()  # received zero-copy from shared memory: own it, as vLLM's Ray path does
+        self.ids, self.starts, self.bounds, self.rows = ids, starts, bounds, rows
+        self._index = {rid: i for i, rid in enumerate(ids)}
+        global _AuxRequestOutput
+        if _AuxRequestOutput is None:
+            from vllm.distributed.aux_output_connector.connector import AuxRequestOutput as _AuxRequestOutput
+
+    @classmethod
+    def pack(cls, outputs: dict) -> "StepRouting":
+        arrays = [o.rows for o in outputs.values()]
+        bounds = [0]
+        for a in arrays:
+            bounds.append(bounds[-1] + len(a))
+        return cls(tuple(outputs), [int(o.token_start) for o in outputs.values()], bounds,
+                   np.concatenate(arrays) if arrays else None)
+
+    def __reduce__(self):
+        return (StepRouting, (self.ids, self.starts, self.bounds, self.rows))
+
+    def __getitem__(self, request_id):
+        i = self._index[request_id]
+        return _AuxRequestOutput(self.starts[i], self.rows[self.bounds[i]:self.bounds[i + 1]])
+
+    def __contains__(self, request_id) -> bool:
+        return request_id in self._index
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def installed_vllm_version() -> str | None:
@@ -115,9 +210,17 @@ def _initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
             "(the accepted-token counts are not tracked); turn one of them off")
     from vllm.distributed.aux_output_connector.worker import get_aux_output_connector
 
-    self._verl_r3_routing_connector = get_aux_output_connector(self.get_model(), self.vllm_config, kv_cache_config)
+    connector = get_aux_output_connector(self.get_model(), self.vllm_config, kv_cache_config)
+    lean = self.vllm_config.parallel_config.data_parallel_size == 1
+    if lean:
+        from vllm.model_executor.layers.fused_moe.routed_experts_capturer import bind_routed_experts_capturer
+
+        connector._capturer = StepCapturer(connector._capturer)
+        bind_routed_experts_capturer(self.get_model(), connector._capturer)
+    self._verl_r3_routing_connector = connector
     self._verl_r3_pending = None
-    logger.info("%s: routing capture bound to the MoE routers of the CPU model runner", NAME)
+    logger.info("%s: routing capture bound to the MoE routers of the CPU model runner (%s)", NAME,
+                "per-layer capture" if lean else "vLLM's capturer, data parallel")
 
 
 def _execute_model(self, scheduler_output, *args, **kwargs):
@@ -157,7 +260,11 @@ def _sample_tokens(self, grammar_output, *args, **kwargs):
             "(asynchronous scheduling is not supported with routing capture on CPU)")
     output, sampled = pending
     output.enqueue_cpu_copy(sampled, np.zeros_like(sampled))
-    result.aux_output_connector_output = output.process_output()
+    outputs = output.process_output()
+    # Packed only where the output crosses to the engine core's process (pickled); in one process
+    # vLLM's dict is handed over as is.
+    in_process = self.vllm_config.parallel_config.distributed_executor_backend == "uni"
+    result.aux_output_connector_output = outputs if in_process else StepRouting.pack(outputs)
     return result
 
 

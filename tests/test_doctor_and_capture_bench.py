@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import statistics
 
 import pytest
 
@@ -44,15 +45,38 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
     assert "vllm   unsupported" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine):
+@pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True), ("vllm", 2, True)])
+def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine, rounds, control):
+    """vLLM: 2 rounds, one per engine start order; --control adds a second instance without capture."""
     if engine == "vllm":
         pytest.importorskip("vllm")
-    result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *SMALL])
-    assert result["engine"] == engine and result["rounds"] == 1 and result["target"] == 0.99
-    assert len(result["capture_runs"]) == len(result["plain_runs"]) == 1
+    argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
+    result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + (["--control"] if control else []))
+    assert result["engine"] == engine and result["rounds"] == rounds and result["target"] == 0.99
+    assert len(result["capture_runs"]) == len(result["plain_runs"]) == rounds
     assert result["tokens_per_s_capture"] > 0 and result["tokens_per_s_plain"] > 0
-    assert result["ratio"] == pytest.approx(result["tokens_per_s_capture"] / result["tokens_per_s_plain"])
+    assert result["ratio"] == pytest.approx(statistics.median(result["capture_runs"]) /
+                                            statistics.median(result["plain_runs"]))
+    if control:
+        assert len(result["control_runs"]) == rounds
+        assert result["control_ratio"] == pytest.approx(statistics.median(result["control_runs"]) /
+                                                        statistics.median(result["plain_runs"]))
+    else:
+        assert "control_ratio" not in result
+
+
+def test_bench_capture_control_is_refused_for_sglang(capsys):
+    assert main(["bench", "capture", "--engine", "sglang", "--control"]) == 2
+    assert "no control instance" in capsys.readouterr().err
+
+
+def test_bench_capture_sends_new_prompts_each_round_and_the_same_to_both_sides():
+    from verl_r3.bench.capture import batches
+
+    rounds = batches(7, 3, prompts=4, prompt_len=5)
+    assert len(rounds) == 4 and all(len(b) == 4 and all(len(p) == 5 for p in b) for b in rounds)
+    assert len({tuple(map(tuple, b)) for b in rounds}) == 4  # warm-up and every round: a batch of its own
+    assert batches(7, 3, prompts=4, prompt_len=5) == rounds  # one seed, one set: both sides get the same
 
 
 def test_bench_capture_refuses_an_unknown_engine(capsys):

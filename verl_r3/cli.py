@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--hidden", type=_positive, default=128, help="hidden size (default 128)")
     capture.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="engine dtype")
     capture.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    capture.add_argument("--control", action="store_true",
+                         help="also time a second instance without capture (hf, vllm): control / plain is how far "
+                              "two identical sides land apart on this machine")
     capture.set_defaults(func=_bench_capture)
 
     memory = benches.add_parser(
@@ -243,7 +246,7 @@ def _bench_capture(args: argparse.Namespace) -> int:
     try:
         result = capture.run(args.engine, rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
-                             hidden=args.hidden, dtype=args.dtype, seed=args.seed)
+                             hidden=args.hidden, dtype=args.dtype, seed=args.seed, control=args.control)
     except (ValueError, RuntimeError) as exc:
         print(f"verl-r3 bench capture: error: {exc}", file=sys.stderr)
         return 2

@@ -150,3 +150,105 @@ def test_verls_weight_sync_into_vllm_on_cpu_reproduces_the_model_exactly():
     assert r["disk_gap"] < 1e-4 and r["dummy_gap"] > 0.1  # the check separates right from wrong weights
     assert r["differ"] == [], r["differ"]  # every parameter, experts' packed layout included
     assert r["synced_gap"] < 1e-4, r
+
+
+# -- the capture patch's step path: per-layer capture and one packed output per step --------------
+def _native_capturer(layers=3, top_k=2, dtype="uint8"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(shape_per_token=(layers, top_k), output_dtype_name=dtype, output_dtype=getattr(torch, dtype))
+
+
+def test_step_capturer_stacks_the_layers_of_one_forward_and_gives_dense_layers_zero_rows():
+    from verl_r3.patches.vllm_cpu_capture_0_32 import StepCapturer
+
+    cap = StepCapturer(_native_capturer())
+    ids0 = torch.tensor([[1, 7], [3, 2], [0, 5], [6, 4], [9, 9]], dtype=torch.int32)
+    ids2 = torch.tensor([[200, 4], [5, 1], [2, 3], [7, 0], [9, 9]], dtype=torch.int64)
+    cap.capture(0, ids0)
+    cap.capture(2, ids2)  # layer 1 is dense: never routes
+    rows = cap.snapshot_routing_data(4)  # the fifth row is padding past the step's tokens
+    assert rows.shape == (4, 3, 2) and rows.dtype == torch.uint8
+    assert torch.equal(rows[:, 0], ids0[:4].to(torch.uint8)) and torch.equal(rows[:, 2], ids2[:4].to(torch.uint8))
+    assert torch.equal(rows[:, 1], torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="no MoE layer routed"):
+        cap.snapshot_routing_data(4)  # each step starts empty: nothing of the last forward is reused
+    cap.capture(0, ids0[:2])
+    with pytest.raises(RuntimeError, match=r"layers \[0\] routed fewer than the step's 4 tokens"):
+        cap.snapshot_routing_data(4)
+    with pytest.raises(IndexError, match="layer 3 is outside the model's 3 layers"):
+        cap.capture(3, ids0)
+
+
+def test_step_routing_pickles_as_one_array_and_reads_like_vllms_dict():
+    import pickle
+
+    import numpy as np
+    from vllm.distributed.aux_output_connector.connector import AuxRequestOutput
+
+    from verl_r3.patches.vllm_cpu_capture_0_32 import StepRouting
+
+    rng = np.random.default_rng(0)
+    outputs = {f"req-{i}": AuxRequestOutput(10 * i, rng.integers(0, 8, (n, 4, 2), dtype=np.uint8))
+               for i, n in enumerate([1, 1, 37, 1, 5])}
+    packed = StepRouting.pack(outputs)
+    wire = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
+    back = pickle.loads(wire)
+    assert list(back) == list(outputs) and len(back) == 5 and "req-2" in back and "req-9" not in back
+    for rid, want in outputs.items():
+        got = back[rid]
+        assert got.token_start == want.token_start and np.array_equal(got.rows, want.rows)
+    assert len(wire) < len(pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL))
+    with pytest.raises(KeyError):
+        back["req-9"]
+    frozen = packed.rows.copy()
+    frozen.flags.writeable = False  # as received zero-copy from shared memory
+    owned = StepRouting(packed.ids, packed.starts, packed.bounds, frozen)
+    assert owned.rows.flags.writeable and np.array_equal(owned.rows, frozen)
+    assert len(StepRouting.pack({})) == 0
+
+
+CAPTURER_PROBE = r"""
+import json, os, sys
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, block_size=32,
+          enable_prefix_caching=True, enable_return_routed_experts=True, seed=0)
+runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+out = llm.generate([{"prompt_token_ids": [5, 9, 14, 3]}], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+c = out[0].outputs[0]
+print("RESULT " + json.dumps({"capturer": type(runner._verl_r3_routing_connector._capturer).__name__,
+                              "tokens": list(c.token_ids), "routing": c.routed_experts.tolist()}))
+"""
+
+
+def test_the_engine_captures_through_the_per_layer_capturer():
+    """In a real engine (in one process, to reach its runner) the routers are bound to StepCapturer,
+    and its rows equal transformers' routing of the same tokens (the concurrent, preempted and
+    prefix-cached cases run through the same path in test_vllm_capture.py)."""
+    import json
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from verl_r3 import RouterReplay
+
+    path, _, _ = H.model_dir()
+    proc = subprocess.run([sys.executable, "-c", CAPTURER_PROBE, path], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["capturer"] == "StepCapturer"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rr = RouterReplay(model)
+    ids = [5, 9, 14, 3] + result["tokens"]
+    with torch.no_grad(), rr.record() as handle:
+        model(torch.tensor([ids[:-1]]))
+    want = handle.routed_experts[0].sort(-1).values
+    got = torch.tensor(result["routing"]).sort(-1).values
+    assert got.shape == want.shape == (len(ids) - 1, model.config.num_hidden_layers, model.config.num_experts_per_tok)
+    for layer in rr.moe_layers:
+        assert torch.equal(got[:, layer], want[:, layer].to(got.dtype)), layer

@@ -2,13 +2,22 @@
 
 ``verl-r3 bench capture --engine hf|vllm|sglang [--json]``. For each engine, two instances
 serve the same tiny randomly initialised Qwen3-MoE (the quickstart's architecture, built here
-from a config): one capturing routing, one not. Every round sends the same batch (``prompts``
-prompts of ``prompt_len`` random tokens, ``new_tokens`` generated tokens each, ``ignore_eos``)
-to one instance and then the other, alternating which goes first, after an untimed warm-up
-round each. Throughput is generated tokens over the wall time of the batch; the result gives
-each side's per-round figures, their medians and ``ratio = capture / plain`` (target >= 0.99).
+from a config): one capturing routing, one not. Every round sends a batch of new prompts
+(``prompts`` prompts of ``prompt_len`` random tokens, ``new_tokens`` generated tokens each,
+``ignore_eos``), as each step of an RL run does, to one instance and then the same batch to the
+other, alternating which goes first, after an untimed warm-up round each. (Sending one batch
+over and over would make every round after the first a prefix-cache hit, which a capturing vLLM
+answers from its routing store: a cost of its own, not of generation.) Throughput is generated
+tokens over the wall time of the batch; the result gives each side's per-round figures, their
+medians and ``ratio = capture / plain`` (target >= 0.99).
 Every captured routing is checked to have one row per token fed, so the capture side really
 captured.
+
+``--control`` (hf and vllm) adds a third instance, a second one without capture, timed in the
+same rounds: ``control_ratio = control / plain`` is what two identical sides measure apart on
+this machine, the resolution any ``ratio`` here has. vLLM engines are started twice, in one
+order and then the reverse, each order timing half of the rounds (the engine started first runs
+differently here).
 
 - ``hf``: ``verl_r3.integration.hf_rollout.HFGenerator`` in this process (``capture_routing``).
 - ``vllm``: two ``AsyncLLM`` engines in this environment (``verl_r3.engines.vllm_engine``);
@@ -62,32 +71,52 @@ def build_model(path: str, *, layers: int, experts: int, top_k: int, hidden: int
     tokenizer.save_pretrained(path)
 
 
-def _summary(engine: str, capture_tps: list[float], plain_tps: list[float], shape: dict, machine: dict) -> dict:
-    capture, plain = statistics.median(capture_tps), statistics.median(plain_tps)
-    return {"engine": engine, "tokens_per_s_capture": capture, "tokens_per_s_plain": plain,
-            "ratio": capture / plain, "target": TARGET_RATIO, "rounds": len(capture_tps),
-            "capture_runs": capture_tps, "plain_runs": plain_tps, "shape": shape, "machine": machine}
+def _summary(engine: str, runs: dict[str, list[float]], shape: dict, machine: dict) -> dict:
+    capture, plain = statistics.median(runs["capture"]), statistics.median(runs["plain"])
+    out = {"engine": engine, "tokens_per_s_capture": capture, "tokens_per_s_plain": plain,
+           "ratio": capture / plain, "target": TARGET_RATIO, "rounds": len(runs["capture"]),
+           "capture_runs": runs["capture"], "plain_runs": runs["plain"], "shape": shape, "machine": machine}
+    if "control" in runs:
+        control = statistics.median(runs["control"])
+        out.update(tokens_per_s_control=control, control_ratio=control / plain, control_runs=runs["control"])
+    return out
 
 
-def _interleave(rounds: int, timed) -> tuple[list[float], list[float]]:
-    """``timed(side)`` -> tokens/s; one untimed call per side, then ``rounds`` alternating pairs."""
-    timed("capture"), timed("plain")
-    out = {"capture": [], "plain": []}
+def batches(seed: int, rounds: int, prompts: int, prompt_len: int) -> list[list[list[int]]]:
+    """The prompts of each round: ``rounds + 1`` batches of new random prompts, the first for the
+    warm-up (each side gets the same batch in the same round)."""
+    rng = random.Random(seed)
+    return [[[rng.randrange(3, 250) for _ in range(prompt_len)] for _ in range(prompts)] for _ in range(rounds + 1)]
+
+
+def _order(sides: list[str], i: int) -> list[str]:
+    """Round ``i``'s order of the sides: forwards on even rounds, backwards on odd ones."""
+    return list(sides) if i % 2 == 0 else list(reversed(sides))
+
+
+def _interleave(sides: list[str], rounds: int, timed) -> dict[str, list[float]]:
+    """``timed(side, k)`` -> tokens/s on batch k; one untimed call per side on batch 0, then ``rounds``
+    rounds on batches 1..rounds, the order of the sides alternating."""
+    for side in sides:
+        timed(side, 0)
+    out = {side: [] for side in sides}
     for i in range(rounds):
-        for side in (("capture", "plain") if i % 2 == 0 else ("plain", "capture")):
-            out[side].append(timed(side))
-    return out["capture"], out["plain"]
+        for side in _order(sides, i):
+            out[side].append(timed(side, i + 1))
+    return out
 
 
-def _run_hf(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dtype: str) -> tuple[list, list, dict]:
+def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str
+            ) -> tuple[dict, dict]:
     import torch
 
     from verl_r3.integration.hf_rollout import HFGenerator, Request
 
     generators = {side: HFGenerator(path, dtype=getattr(torch, dtype), capture_routing=side == "capture", seed=0)
-                  for side in ("capture", "plain")}
+                  for side in sides}
 
-    def timed(side: str) -> float:
+    def timed(side: str, k: int) -> float:
+        batch = rounds_batches[k]
         requests = [Request(prompt_ids=p, max_tokens=new_tokens, ignore_eos=True) for p in batch]
         began = time.perf_counter()
         results = generators[side].generate(requests)
@@ -98,46 +127,58 @@ def _run_hf(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dty
                                    f"{len(p) + len(r.token_ids)} tokens")
         return sum(len(r.token_ids) for r in results) / seconds
 
-    capture, plain = _interleave(rounds, timed)
+    runs = _interleave(sides, rounds, timed)
     import transformers
 
-    return capture, plain, machine(transformers=transformers.__version__)
+    return runs, machine(transformers=transformers.__version__)
 
 
-def _run_vllm(path: str, batch: list[list[int]], new_tokens: int, rounds: int, dtype: str) -> tuple[list, list, dict]:
+def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str
+              ) -> tuple[dict, dict]:
     # vLLM logs to stdout by default; the benchmark's stdout is its table or JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
 
     from verl_r3.engines import vllm_engine as V
 
+    async def timed(engine, side: str, k: int) -> float:
+        figures = await V.run(engine, [V.EngineRequest(p, new_tokens) for p in rounds_batches[k]])
+        for c in figures.completions:
+            rows = None if c.routed_experts is None else c.routed_experts.shape[0]
+            want = len(c.prompt_ids) + len(c.token_ids) - 1 if side == "capture" else None
+            if rows != want:
+                raise RuntimeError(f"vllm {side}: {rows} routing rows, expected {want}")
+        return figures.generated_tokens / figures.seconds
+
     async def main():
-        length = len(batch[0]) + new_tokens
-        engines = {side: V.start_engine(path, capture=side == "capture", dtype=dtype, max_model_len=length,
-                                        max_num_batched_tokens=max(2048, length), max_num_seqs=len(batch))
-                   for side in ("capture", "plain")}
-        try:
-            async def timed(side: str) -> float:
-                figures = await V.run(engines[side], [V.EngineRequest(p, new_tokens) for p in batch])
-                for c in figures.completions:
-                    rows = None if c.routed_experts is None else c.routed_experts.shape[0]
-                    want = len(c.prompt_ids) + len(c.token_ids) - 1 if side == "capture" else None
-                    if rows != want:
-                        raise RuntimeError(f"vllm {side}: {rows} routing rows, expected {want}")
-                return figures.generated_tokens / figures.seconds
+        first = rounds_batches[0]
+        length = len(first[0]) + new_tokens
+        out = {side: [] for side in sides}
+        # The engine started first runs measurably slower or faster here (CPU binding), so each
+        # start order gets half of the rounds: the engines are started in the order of ``sides``,
+        # then in the reverse order.
+        done = 0
+        for started, count in ((_order(sides, 0), (rounds + 1) // 2), (_order(sides, 1), rounds // 2)):
+            if count == 0:
+                continue
+            engines = {}
+            try:
+                for side in started:
+                    engines[side] = V.start_engine(path, capture=side == "capture", dtype=dtype, max_model_len=length,
+                                                   max_num_batched_tokens=max(2048, length), max_num_seqs=len(first))
+                for side in sides:
+                    await timed(engines[side], side, 0)  # warm-up
+                for i in range(count):
+                    for side in _order(sides, i):
+                        out[side].append(await timed(engines[side], side, done + i + 1))
+            finally:
+                for engine in engines.values():
+                    engine.shutdown()
+            done += count
+        return out
 
-            await timed("capture"), await timed("plain")
-            out = {"capture": [], "plain": []}
-            for i in range(rounds):
-                for side in (("capture", "plain") if i % 2 == 0 else ("plain", "capture")):
-                    out[side].append(await timed(side))
-            return out["capture"], out["plain"]
-        finally:
-            for engine in engines.values():
-                engine.shutdown()
-
-    capture, plain = asyncio.run(main())
-    return capture, plain, machine(vllm=vllm.__version__)
+    runs = asyncio.run(main())
+    return runs, machine(vllm=vllm.__version__)
 
 
 def sglang_python() -> str | None:
@@ -180,10 +221,12 @@ def _run_sglang(**kw) -> dict:
 
 def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,
         layers: int = 4, experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32",
-        seed: int = 0) -> dict:
+        seed: int = 0, control: bool = False) -> dict:
     """Measure ``engine`` and return the result dict (see the module docstring)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    if control and engine == "sglang":
+        raise ValueError("--control runs for hf and vllm; SGLang's benchmark has no control instance")
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens)):
         if value < 1:
@@ -198,13 +241,13 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     if prompt_len + new_tokens > MAX_POSITIONS:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
                          f"{MAX_POSITIONS} positions")
-    rng = random.Random(seed)
-    batch = [[rng.randrange(3, 250) for _ in range(prompt_len)] for _ in range(prompts)]
+    rounds_batches = batches(seed, rounds, prompts, prompt_len)
     with tempfile.TemporaryDirectory() as path:
         build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
         runner = _run_hf if engine == "hf" else _run_vllm
-        capture, plain, machine = runner(path, batch, new_tokens, rounds, dtype)
-    return _summary(engine, capture, plain, shape, machine)
+        sides = ["capture", "plain"] + (["control"] if control else [])
+        runs, machine = runner(path, sides, rounds_batches, new_tokens, rounds, dtype)
+    return _summary(engine, runs, shape, machine)
 
 
 def format_result(result: dict) -> str:
@@ -219,11 +262,16 @@ def format_result(result: dict) -> str:
     if m:
         lines.append("machine  " + ", ".join(f"{k} {v}" for k, v in m.items()))
     lines.append(f"rounds   {result['rounds']} per side, interleaved; median tokens/s:")
-    for side in ("capture", "plain"):
+    for side in ("capture", "plain", "control"):
+        if f"tokens_per_s_{side}" not in result:
+            continue
         runs = result.get(f"{side}_runs")
         tail = f"   runs: {', '.join(f'{x:.0f}' for x in runs)}" if runs else ""
         lines.append(f"  {side:<9}{result[f'tokens_per_s_{side}']:10.0f}{tail}")
     lines.append(f"ratio    {result['ratio']:.4f} capture / plain  (target >= {result['target']}: {verdict})")
+    if "control_ratio" in result:
+        lines.append(f"control  {result['control_ratio']:.4f} control / plain  (two instances without capture: how far "
+                     "apart identical sides land on this machine)")
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ default), both on the CPU through ``verl_r3.engines.sglang_engine.start_cpu_engi
   request's rows from its host buffer and returns them base64-encoded);
 * ``plain``: neither.
 
-Each round sends the same batch (``prompts`` prompts of ``prompt_len`` random tokens,
-``new_tokens`` tokens each, ``ignore_eos``) to one engine, then to the other, alternating which
-goes first, after one untimed warm-up round each. Throughput is generated tokens / wall time of
+Each round sends a batch of new prompts (``prompts`` prompts of ``prompt_len`` random tokens,
+``new_tokens`` tokens each, ``ignore_eos``; ``verl_r3.bench.capture.batches``) to one engine,
+then the same batch to the other, alternating which goes first, after one untimed warm-up round
+each. Throughput is generated tokens / wall time of
 the ``generate`` call; the result reports the medians over ``rounds`` and
 ``ratio = capture / plain`` (1.0 = no cost). The idle engine sleeps (``sleep_on_idle``) so it
 does not take the cores from the one being timed. Every captured routing is decoded into a
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import random
 import signal
 import statistics
 import sys
@@ -53,8 +53,7 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
             raise ValueError(f"{name} must be >= 1, got {value}")
     from verl_r3.engines.sglang_engine import routing_record, start_cpu_engine
 
-    rng = random.Random(seed)
-    batch = [[rng.randrange(256) for _ in range(prompt_len)] for _ in range(prompts)]
+    rounds_batches = shared.batches(seed, rounds, prompts, prompt_len)  # new prompts each round, as in the others
     params = {"max_new_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
     pool = prompts * (prompt_len + new_tokens) + 256
     with tempfile.TemporaryDirectory() as model_dir:
@@ -65,10 +64,10 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
                 engines[name] = start_cpu_engine(model_dir, dtype=dtype, capture=capture, max_total_tokens=pool,
                                                  sleep_on_idle=True, random_seed=seed, log_level="warning")
 
-            def one(name: str) -> float:
+            def one(name: str, k: int) -> float:
                 capture = name == "capture"
                 t0 = time.perf_counter()
-                outs = engines[name].generate(input_ids=batch, sampling_params=params,
+                outs = engines[name].generate(input_ids=rounds_batches[k], sampling_params=params,
                                               return_routed_experts=capture)
                 elapsed = time.perf_counter() - t0
                 generated = sum(len(o["output_ids"]) for o in outs)
@@ -83,12 +82,12 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
                                                f"{prompt_len + new_tokens - 1}")
                 return generated / elapsed
 
-            one("capture"), one("plain")  # warm-up
+            one("capture", 0), one("plain", 0)  # warm-up
             per_round = {"capture": [], "plain": []}
             for r in range(rounds):
                 order = ("capture", "plain") if r % 2 == 0 else ("plain", "capture")
                 for name in order:
-                    per_round[name].append(one(name))
+                    per_round[name].append(one(name, r + 1))
         finally:
             for engine in engines.values():
                 engine.shutdown()
