@@ -43,7 +43,7 @@ from pathlib import Path
 
 from verl_r3.child import run_child
 
-__all__ = ["ENGINES", "TARGET_RATIO", "run"]
+__all__ = ["ENGINES", "TARGET_RATIO", "batches", "interleave", "run"]
 
 ENGINES = ("hf", "vllm", "sglang")
 TARGET_RATIO = 0.99
@@ -94,7 +94,7 @@ def _order(sides: list[str], i: int) -> list[str]:
     return list(sides) if i % 2 == 0 else list(reversed(sides))
 
 
-def _interleave(sides: list[str], rounds: int, timed) -> dict[str, list[float]]:
+def interleave(sides: list[str], rounds: int, timed) -> dict[str, list[float]]:
     """``timed(side, k)`` -> tokens/s on batch k; one untimed call per side on batch 0, then ``rounds``
     rounds on batches 1..rounds, the order of the sides alternating."""
     for side in sides:
@@ -127,7 +127,7 @@ def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, 
                                    f"{len(p) + len(r.token_ids)} tokens")
         return sum(len(r.token_ids) for r in results) / seconds
 
-    runs = _interleave(sides, rounds, timed)
+    runs = interleave(sides, rounds, timed)
     import transformers
 
     return runs, machine(transformers=transformers.__version__)

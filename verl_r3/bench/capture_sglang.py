@@ -82,12 +82,7 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
                                                f"{prompt_len + new_tokens - 1}")
                 return generated / elapsed
 
-            one("capture", 0), one("plain", 0)  # warm-up
-            per_round = {"capture": [], "plain": []}
-            for r in range(rounds):
-                order = ("capture", "plain") if r % 2 == 0 else ("plain", "capture")
-                for name in order:
-                    per_round[name].append(one(name, r + 1))
+            per_round = shared.interleave(["capture", "plain"], rounds, one)
         finally:
             for engine in engines.values():
                 engine.shutdown()
