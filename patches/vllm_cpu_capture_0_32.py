@@ -219,6 +219,9 @@ def _initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         bind_routed_experts_capturer(self.get_model(), connector._capturer)
     self._verl_r3_routing_connector = connector
     self._verl_r3_pending = None
+    # The step's rows are packed only where they cross to the engine core's process (pickled);
+    # in one process vLLM's dict is handed over as is.
+    self._verl_r3_pack = self.vllm_config.parallel_config.distributed_executor_backend != "uni"
     logger.info("%s: routing capture bound to the MoE routers of the CPU model runner (%s)", NAME,
                 "per-layer capture" if lean else "vLLM's capturer, data parallel")
 
@@ -261,10 +264,7 @@ def _sample_tokens(self, grammar_output, *args, **kwargs):
     output, sampled = pending
     output.enqueue_cpu_copy(sampled, np.zeros_like(sampled))
     outputs = output.process_output()
-    # Packed only where the output crosses to the engine core's process (pickled); in one process
-    # vLLM's dict is handed over as is.
-    in_process = self.vllm_config.parallel_config.distributed_executor_backend == "uni"
-    result.aux_output_connector_output = outputs if in_process else StepRouting.pack(outputs)
+    result.aux_output_connector_output = StepRouting.pack(outputs) if self._verl_r3_pack else outputs
     return result
 
 
