@@ -56,13 +56,19 @@ def test_memory_cli_paper_shape(capsys):
 
 
 def test_e2e_runs_both_sides_and_reports_verls_step_timings(tmp_path, capsys):
-    assert main(["bench", "e2e", "--json", "--runs", "1", "--steps", "3", "--skip", "1", "--prompts", "4",
-                 "--samples", "2", "--engine", "hf", "--out", str(tmp_path), "--timeout", "420"]) == 0
+    assert main(["bench", "e2e", "--json", "--runs", "1", "--steps", "2", "--skip", "1", "--prompts", "4",
+                 "--samples", "2", "--engine", "hf", "--out", str(tmp_path), "--timeout", "420",
+                 "--warm-start-steps", "20"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert [len(r["step_s"][side]) for side in ("grpo", "grpo_r3")] == [2, 2]
+    assert [len(r["step_s"][side]) for side in ("grpo", "grpo_r3")] == [1, 1]
+    assert r["config"]["warm_start_steps"] == 20
+    assert json.loads((tmp_path / "model" / "warm_start.json").read_text())["warm_start_steps"] == 20
     assert r["ratio"] == pytest.approx(r["medians"]["grpo_r3"]["timing_s/step"] / r["medians"]["grpo"]["timing_s/step"])
     assert all(v > 0 for side in r["medians"].values() for v in side.values())
     r3 = [json.loads(line) for line in (tmp_path / "run0" / "grpo_r3.jsonl").read_text().splitlines()]
     assert all(step["data"]["r3/replay_active_frac"] == 1.0 for step in r3)  # the R3 side did replay
     assert main(["bench", "e2e", "--steps", "2", "--skip", "2"]) == 2
     assert "must exceed the skipped warm-up steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "e2e", "--warm-start-steps", "-1"])
+    assert "--warm-start-steps" in capsys.readouterr().err

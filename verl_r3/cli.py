@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e2e.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
     e2e.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default 900)")
+    e2e.add_argument("--warm-start-steps", type=_non_negative, default=None,
+                     help="the model's warm-start steps (default: the quickstart model's, 1200); fewer build it sooner")
     e2e.set_defaults(func=_bench_e2e)
 
     doctor = commands.add_parser("doctor", help="installed versions and each engine's routing capture path",
@@ -274,7 +276,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
 
     try:
         result = e2e.run(runs=args.runs, steps=args.steps, skip=args.skip, prompts=args.prompts, samples=args.samples,
-                         engine=args.engine, seed=args.seed, out=args.out, timeout_s=args.timeout)
+                         engine=args.engine, seed=args.seed, out=args.out, timeout_s=args.timeout,
+                         warm_start_steps=args.warm_start_steps)
     except (ValueError, RuntimeError) as exc:
         print(f"verl-r3 bench e2e: error: {exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,12 @@ Each case is a real run: Ray, TransferQueue, the FSDP2 actor (``FSDPReplayEngine
 rollout against the fp32 trainer (verl's own vLLM server on vLLM's CPU build with the capture
 patch, or verl_r3's ``hf`` engine), verl's reward loop and W&B offline, 2 steps on a tiny
 Qwen3-MoE, under a wall-clock limit (the process group is killed on timeout). R3 on the ``hf``
-engine runs end to end in tests/reliability/test_faults.py (a run resumed from a checkpoint).
-What is checked comes from the metrics verl itself logged (verl's file logger).
+engine runs end to end in tests/reliability/test_faults.py (a run resumed from a checkpoint), the
+variants without replay (bf16 rollout and fp32 trainer disagreeing on routing) in
+tests/quickstart/test_quickstart_run.py. R3 without rollout routing is refused by the engine
+(tests/integration/test_fsdp_replay.py), and such a refusal ending a real run at its first step
+is tested in tests/reliability/test_faults.py. What is checked comes from the metrics verl itself
+logged (verl's file logger).
 """
 
 from __future__ import annotations
@@ -95,15 +99,6 @@ def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
     assert all(c > 0.9 for c in _series(r, "training/rollout_actor_probs_pearson_corr"))
 
 
-def test_without_replay_bf16_rollout_and_fp32_trainer_disagree_on_routing(setup):
-    r = _run(setup, "grpo", "native")
-    assert _series(r, "r3/replay_active_frac") == [0.0, 0.0]
-    disagree = _series(r, "r3/router_disagree")
-    assert all(d is not None for d in disagree) and sum(disagree) > 0, disagree
-    # Nothing replayed: what was used is the trainer's own choice.
-    assert _series(r, "r3/router_disagree_replayed") == disagree
-
-
 def test_r2_replays_the_routing_recorded_in_compute_log_prob(setup):
     r = _run(setup, "grpo_r2", "r2", engine="hf")
     assert _series(r, "r3/replay_active_frac") == [1.0, 1.0]
@@ -113,12 +108,3 @@ def test_r2_replays_the_routing_recorded_in_compute_log_prob(setup):
     assert _series(r, "r3/router_disagree") == [0.0, 0.0]
     assert all(g > 0 for g in _series(r, "actor/grad_norm"))
 
-
-def test_r3_without_rollout_capture_fails_at_the_first_step_naming_the_flag(setup):
-    with pytest.raises(RuntimeError) as err:
-        _run(setup, "grpo_r3", "r3_no_capture", engine="hf",
-             extra=["actor_rollout_ref.rollout.enable_rollout_routing_replay=False"])
-    message = str(err.value)
-    assert "0/2 steps logged" in message
-    assert "router_replay.mode=R3 but the batch carries no routed_experts" in message
-    assert "enable_rollout_routing_replay=True" in message

@@ -1,9 +1,9 @@
 """`scripts/quickstart.sh` (what `make quickstart` runs) end to end, short: 2 steps per variant.
 
-Every variant is a real `main_ppo` on CPU. To keep CI short the warm start is cut and three of the
-five default variants run: one with R3, TIS and GSPO without (plain GRPO runs end to end in
-tests/integration/test_main_ppo_cpu.py, GSPO+R3 in the agent recipe's smoke run). The full
-quickstart's figures are in the README.
+Every variant is a real `main_ppo` on vLLM's CPU build, the quickstart's default engine. To keep CI
+short the warm start is cut and two of the five default variants run, GRPO+TIS and GSPO+R3, so
+that TIS, GSPO and R3 each run once (GRPO+R3 runs end to end in tests/integration/test_main_ppo_cpu.py,
+plain GRPO in tests/test_bench_memory_e2e.py). The full quickstart's figures are in the README.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("verl")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VARIANTS = ["grpo_r3", "grpo_tis", "gspo"]
+VARIANTS = ["grpo_tis", "gspo_r3"]
 
 
 def test_quickstart_script_writes_summary_report_and_curves(tmp_path):
@@ -38,8 +38,13 @@ def test_quickstart_script_writes_summary_report_and_curves(tmp_path):
                     "final_reward", "seconds_per_step"):
             assert row[key] is not None, (variant, key)
         if variant.endswith("_r3"):
+            assert row["mean_replay_active_frac"] == 1.0, (variant, row)
             assert row["mean_router_disagree_replayed"] == 0.0, (variant, row)
         else:
+            # bf16 rollout against the fp32 trainer: routing flips, and without replay the trainer
+            # used its own choice, so what was used disagrees as much as the trainer's own top-k.
+            assert row["mean_replay_active_frac"] == 0.0, (variant, row)
+            assert row["mean_router_disagree"] > 0, (variant, row)
             assert row["mean_router_disagree_replayed"] == row["mean_router_disagree"], (variant, row)
     report = (latest / "report.md").read_text()
     assert all(f"| {v} " in report for v in VARIANTS), report

@@ -8,9 +8,11 @@ composed config's.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -52,22 +54,25 @@ def _check_variant(cfg, variant: str, backend: str) -> None:
 @pytest.mark.parametrize("recipe", NAMES)
 @pytest.mark.parametrize("backend", ["fsdp", "megatron"])
 def test_every_script_composes_with_its_variant(recipe, backend, tmp_path):
-    for model in MODELS:
-        for variant in VARIANTS:
-            envs, command = dry_run(script(recipe, model, variant), TRAIN_BACKEND=backend, OUT=str(tmp_path))
-            cfg = compose(command)
-            _check_variant(cfg, variant, backend)
-            assert cfg.actor_rollout_ref.actor.strategy == ("megatron" if backend == "megatron" else "fsdp2")
-            assert cfg.reward.custom_reward_function.path == str(RECIPES / recipe / "reward.py")
-            assert cfg.trainer.project_name == f"verl_r3_{recipe}"
-            assert cfg.trainer.experiment_name.endswith(f"-{variant}")
-            assert envs["VERL_USE_EXTERNAL_MODULES"] == "verl_r3.integration.activate"
-            assert envs["VERL_FILE_LOGGER_PATH"] == str(tmp_path / f"{variant}.jsonl")
-            # verl's own config classes accept what was composed
-            omega_conf_to_dataclass(cfg.algorithm)
-            if backend == "fsdp":
-                omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
-                omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
+    cases = [(model, variant) for model in MODELS for variant in VARIANTS]
+    # The scripts' DRY_RUN subprocesses run side by side; Hydra composes in this process, one at a time.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        printed = list(pool.map(lambda case: dry_run(script(recipe, *case), TRAIN_BACKEND=backend, OUT=str(tmp_path)),
+                                cases))
+    for (model, variant), (envs, command) in zip(cases, printed):
+        cfg = compose(command)
+        _check_variant(cfg, variant, backend)
+        assert cfg.actor_rollout_ref.actor.strategy == ("megatron" if backend == "megatron" else "fsdp2")
+        assert cfg.reward.custom_reward_function.path == str(RECIPES / recipe / "reward.py")
+        assert cfg.trainer.project_name == f"verl_r3_{recipe}"
+        assert cfg.trainer.experiment_name.endswith(f"-{variant}")
+        assert envs["VERL_USE_EXTERNAL_MODULES"] == "verl_r3.integration.activate"
+        assert envs["VERL_FILE_LOGGER_PATH"] == str(tmp_path / f"{variant}.jsonl")
+        # verl's own config classes accept what was composed
+        omega_conf_to_dataclass(cfg.algorithm)
+        if backend == "fsdp":
+            omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+            omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)
 
 
 def test_paper_settings_and_presets():

@@ -5,8 +5,9 @@ builds the tiny model and the recipe's offline data, then runs ``main_ppo`` with
 config, reward, and (agent) tool and agent loop. What is checked comes from what verl logged: its
 metrics file and its rollout dumps (``trainer.rollout_data_dir``).
 
-CI runs one R3 script per recipe, on vLLM's CPU build for math and agent and on the ``hf`` engine
-for code. ``VERL_R3_SMOKE_ALL=1`` runs every script of every recipe (30 runs, about an hour on 2
+CI runs one R3 script per recipe: the agent's on vLLM's CPU build (the recipes' default engine),
+math and code on the ``hf`` engine, which starts sooner (vLLM runs ``main_ppo`` end to end in
+tests/integration/test_main_ppo_cpu.py and tests/quickstart/test_quickstart_run.py too). ``VERL_R3_SMOKE_ALL=1`` runs every script of every recipe (30 runs, about an hour on 2
 cores).
 """
 
@@ -28,7 +29,7 @@ from recipe_scripts import MODELS, NAMES, ROOT, VARIANTS, recipe_env, script  # 
 
 RUN_TIMEOUT_S = 600   # the script's own limit (TIMEOUT_S); the test waits a little longer
 
-CI_RUNS = [("math", "qwen3_30b_a3b", "grpo_r3", "vllm"),
+CI_RUNS = [("math", "qwen3_30b_a3b", "grpo_r3", "hf"),
            ("code", "olmoe_1b_7b", "grpo_r3", "hf"),
            ("agent", "olmoe_1b_7b", "gspo_r3", "vllm")]
 ALL_RUNS = [(r, m, v, "vllm") for r in NAMES for m in MODELS for v in VARIANTS]
