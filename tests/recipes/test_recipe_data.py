@@ -118,6 +118,13 @@ def test_repeated_hub_problems_are_left_out_and_counted(monkeypatch, capsys):
 def test_no_hub_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # The libraries read those variables once, at import: where an earlier test imported them, set
+    # their switches too (else the hub is tried over the network, and a closed network takes ~20 s).
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert math_data.main(["--out", str(tmp_path), "--train", "gsm8k", "--test", "gsm8k"]) == 1
     err = capsys.readouterr().err
     assert "could not load openai/gsm8k (main) split 'train'" in err and "--smoke writes offline data" in err
