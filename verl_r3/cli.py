@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
     e2e.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default 900)")
     e2e.add_argument("--warm-start-steps", type=_non_negative, default=None,
-                     help="the model's warm-start steps (default: the quickstart model's, 1200); fewer build it sooner")
+                     help="the model's warm-start steps (default: the quickstart model's); fewer build it sooner")
     e2e.set_defaults(func=_bench_e2e)
 
     doctor = commands.add_parser("doctor", help="installed versions and each engine's routing capture path",

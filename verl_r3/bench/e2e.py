@@ -49,8 +49,6 @@ def run(*, runs: int = 2, steps: int = 8, skip: int = 2, prompts: int = 8, sampl
         raise ValueError(f"steps ({steps}) must exceed the skipped warm-up steps ({skip})")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if warm_start_steps is not None and warm_start_steps < 0:
-        raise ValueError(f"warm_start_steps must be >= 0, got {warm_start_steps}")
     root = os.path.abspath(out) if out else tempfile.mkdtemp(prefix="verl_r3_bench_e2e_")
     os.makedirs(root, exist_ok=True)
     model_dir = os.path.join(root, "model")
