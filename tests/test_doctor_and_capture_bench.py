@@ -48,7 +48,8 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
 @pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True), ("vllm", 2, False)])
 def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine, rounds, control):
     """vLLM: 2 rounds, one per engine start order (4 engine starts). --control adds a second instance
-    without capture, one more side of the same loop; it is timed on hf, where it costs no engine starts."""
+    without capture, one more entry in the sides every engine's round loop walks; it is checked on hf,
+    where it costs no engine start."""
     if engine == "vllm":
         pytest.importorskip("vllm")
     argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
