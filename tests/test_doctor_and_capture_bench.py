@@ -1,4 +1,4 @@
-"""``verl-r3 doctor`` and ``verl-r3 bench capture``: what they report, run for real.
+"""``verl-r3 doctor``, ``verl-r3 bench capture`` and ``bench commit``: what they report, run for real.
 
 No timing assertions: the speed claim comes from the benchmark's own output (README).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import statistics
 
 import pytest
@@ -53,7 +54,16 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
     if engine == "vllm":
         pytest.importorskip("vllm")
     argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
+    allowed = os.sched_getaffinity(0)
     result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + (["--control"] if control else []))
+    if engine == "vllm":
+        # Both engine starts: the front end (this process) and the engine cores on the CPUs vLLM's workers
+        # left free, and this process back on all of its CPUs afterwards.
+        where = result["machine"]["placement"]
+        assert where["pinned"] and where["worker_cpus"], where
+        assert not set(where["pinned"]) & set(where["worker_cpus"])
+        assert set(where["pinned"]) | set(where["worker_cpus"]) <= allowed
+        assert os.sched_getaffinity(0) == allowed
     assert result["engine"] == engine and result["rounds"] == rounds and result["target"] == 0.99
     assert len(result["capture_runs"]) == len(result["plain_runs"]) == rounds
     assert result["tokens_per_s_capture"] > 0 and result["tokens_per_s_plain"] > 0
@@ -70,6 +80,29 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
 def test_bench_capture_control_is_refused_for_sglang(capsys):
     assert main(["bench", "capture", "--engine", "sglang", "--control"]) == 2
     assert "no control instance" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["hf", "sglang"])
+def test_bench_capture_pinning_is_refused_outside_vllm(capsys, engine):
+    assert main(["bench", "capture", "--engine", engine, "--no-pin"]) == 2
+    assert "--no-pin" in capsys.readouterr().err
+
+
+def test_bench_commit_times_both_commits_on_the_same_steps_and_compares_their_outputs(capsys):
+    """The vLLM patch's commit benchmark: both sides run every repeat over the same decode steps and
+    give equal outputs; the ratio is the medians'. No timing is asserted."""
+    pytest.importorskip("vllm")
+    result = _json(capsys, ["bench", "commit", "--json", "--requests", "6", "--prompt-len", "5", "--new-tokens", "40",
+                            "--block-size", "8", "--repeats", "3"])
+    assert result["outputs_equal"] is True and result["repeats"] == 3
+    assert len(result["vllm_runs"]) == len(result["step_commit_runs"]) == 3
+    assert result["ratio"] == pytest.approx(statistics.median(result["step_commit_runs"]) /
+                                            statistics.median(result["vllm_runs"]))
+    assert result["shape"]["requests"] == 6 and result["machine"]["vllm"]
+    assert main(["bench", "commit", "--new-tokens", "1"]) == 2
+    assert "new_tokens must be >= 2" in capsys.readouterr().err
+    assert main(["bench", "commit", "--experts", "300"]) == 2
+    assert "experts must be in [2, 256]" in capsys.readouterr().err
 
 
 def test_bench_capture_sends_new_prompts_each_round_and_the_same_to_both_sides():

@@ -3,6 +3,7 @@
     verl-r3 demo [--quick] [--seed N]          alias of `verl-r3 diagnose --demo` (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
+    verl-r3 bench commit [--json] [options]    vLLM CPU patch: the worker's per-step routing commit (verl_r3.bench.vllm_commit)
     verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
     verl-r3 bench e2e [--json] [options]       seconds per quickstart step, GRPO+R3 vs GRPO (verl_r3.bench.e2e)
     verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
@@ -117,7 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--control", action="store_true",
                          help="also time a second instance without capture (hf, vllm): control / plain is how far "
                               "two identical sides land apart on this machine")
+    capture.add_argument("--no-pin", action="store_true",
+                         help="vllm: leave the front end and engine cores where the OS puts them (by default they "
+                              "are pinned to the CPUs vLLM reserves for them, off its workers' cores)")
     capture.set_defaults(func=_bench_capture)
+
+    commit = benches.add_parser(
+        "commit",
+        help="vLLM CPU patch: the worker's per-step routing commit, vLLM's process_output vs StepCommit",
+        description="The per-step routing commit of the vLLM CPU capture patch, timed outside an engine: two "
+        "copies of vLLM's worker-side routing connector follow one decode schedule, one committing through "
+        "vLLM's process_output, the other through StepCommit; medians of microseconds per decode step and "
+        "their ratio, and whether every step's outputs were equal.",
+    )
+    commit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    commit.add_argument("--requests", type=_positive, default=32, help="requests decoding together (default 32)")
+    commit.add_argument("--prompt-len", type=_positive, default=64, help="prompt tokens (default 64)")
+    commit.add_argument("--new-tokens", type=_positive, default=64, help="generated tokens each (default 64)")
+    commit.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
+    commit.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
+    commit.add_argument("--experts", type=_positive, default=8, help="routed experts, at most 256 (default 8)")
+    commit.add_argument("--block-size", type=_positive, default=32, help="tokens per routing block (default 32)")
+    commit.add_argument("--repeats", type=_positive, default=5, help="timed repeats (default 5)")
+    commit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    commit.set_defaults(func=_bench_commit)
 
     memory = benches.add_parser(
         "memory",
@@ -248,11 +272,26 @@ def _bench_capture(args: argparse.Namespace) -> int:
     try:
         result = capture.run(args.engine, rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
-                             hidden=args.hidden, dtype=args.dtype, seed=args.seed, control=args.control)
+                             hidden=args.hidden, dtype=args.dtype, seed=args.seed, control=args.control,
+                             pin=False if args.no_pin else None)
     except (ValueError, RuntimeError) as exc:
         print(f"verl-r3 bench capture: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else capture.format_result(result))
+    return 0
+
+
+def _bench_commit(args: argparse.Namespace) -> int:
+    from verl_r3.bench import vllm_commit
+
+    try:
+        result = vllm_commit.run(requests=args.requests, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                 layers=args.layers, top_k=args.top_k, experts=args.experts,
+                                 block_size=args.block_size, repeats=args.repeats, seed=args.seed)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        print(f"verl-r3 bench commit: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else vllm_commit.format_result(result))
     return 0
 
 

@@ -191,7 +191,9 @@ def test_step_routing_pickles_as_one_array_and_reads_like_vllms_dict():
     rng = np.random.default_rng(0)
     outputs = {f"req-{i}": AuxRequestOutput(10 * i, rng.integers(0, 8, (n, 4, 2), dtype=np.uint8))
                for i, n in enumerate([1, 1, 37, 1, 5])}
-    packed = StepRouting.pack(outputs)
+    bounds = np.cumsum([0] + [len(o.rows) for o in outputs.values()]).tolist()
+    packed = StepRouting(tuple(outputs), [o.token_start for o in outputs.values()], bounds,
+                         np.concatenate([o.rows for o in outputs.values()]))
     wire = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
     back = pickle.loads(wire)
     assert list(back) == list(outputs) and len(back) == 5 and "req-2" in back and "req-9" not in back
@@ -205,7 +207,8 @@ def test_step_routing_pickles_as_one_array_and_reads_like_vllms_dict():
     frozen.flags.writeable = False  # as received zero-copy from shared memory
     owned = StepRouting(packed.ids, packed.starts, packed.bounds, frozen)
     assert owned.rows.flags.writeable and np.array_equal(owned.rows, frozen)
-    assert len(StepRouting.pack({})) == 0
+    empty = pickle.loads(pickle.dumps(StepRouting((), [], [0], None)))
+    assert len(empty) == 0 and "req-0" not in empty
 
 
 CAPTURER_PROBE = r"""
@@ -217,16 +220,19 @@ from vllm import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=128, block_size=32,
           enable_prefix_caching=True, enable_return_routed_experts=True, seed=0)
 runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
-out = llm.generate([{"prompt_token_ids": [5, 9, 14, 3]}], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+out = llm.generate([{"prompt_token_ids": [5, 9, 14, 3]}], SamplingParams(max_tokens=40, ignore_eos=True), use_tqdm=False)
 c = out[0].outputs[0]
 print("RESULT " + json.dumps({"capturer": type(runner._verl_r3_routing_connector._capturer).__name__,
-                              "tokens": list(c.token_ids), "routing": c.routed_experts.tolist()}))
+                              "tokens": list(c.token_ids), "routing": c.routed_experts.tolist(),
+                              "fast_rows": runner._verl_r3_commit.fast_rows,
+                              "full_requests": runner._verl_r3_commit.full_requests}))
 """
 
 
-def test_the_engine_captures_through_the_per_layer_capturer():
+def test_the_engine_captures_through_the_per_layer_capturer_and_the_step_commit():
     """In a real engine (in one process, to reach its runner) the routers are bound to StepCapturer,
-    and its rows equal transformers' routing of the same tokens (the concurrent, preempted and
+    decode rows inside an open block take StepCommit's short path and the rest vLLM's commit, and
+    the rows equal transformers' routing of the same tokens (the concurrent, preempted and
     prefix-cached cases run through the same path in test_vllm_capture.py)."""
     import json
     import subprocess
@@ -242,6 +248,11 @@ def test_the_engine_captures_through_the_per_layer_capturer():
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["capturer"] == "StepCapturer"
+    # Positions 0-3 are the prompt (one prefill step, vLLM's commit); 4..42 are decoded one a step.
+    # Of those, 31 completes the first 32-token block and 32 opens the next (vLLM's commit); the
+    # other 37 are written by the short path.
+    assert len(result["tokens"]) == 40
+    assert (result["fast_rows"], result["full_requests"]) == (37, 3)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rr = RouterReplay(model)
     ids = [5, 9, 14, 3] + result["tokens"]
@@ -252,3 +263,128 @@ def test_the_engine_captures_through_the_per_layer_capturer():
     assert got.shape == want.shape == (len(ids) - 1, model.config.num_hidden_layers, model.config.num_experts_per_tok)
     for layer in rr.moe_layers:
         assert torch.equal(got[:, layer], want[:, layer].to(got.dtype)), layer
+
+
+# -- StepCommit against vLLM's own commit, step by step, on a scheduled workload ------------------
+BLOCK, LAYERS, TOP_K, EXPERTS = 4, 3, 2, 8
+
+
+def _row(tokens: list[int], position: int):
+    """A routing row that depends on the token prefix, as a model's does: prefix-cache hits must
+    bring back exactly the rows of the request that computed those tokens."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(bytes(tokens[:position + 1])).digest()
+    return (np.frombuffer(digest[:LAYERS * TOP_K], dtype=np.uint8) % EXPERTS).reshape(LAYERS, TOP_K)
+
+
+def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_preemption_and_prefix_hits():
+    """Two copies of vLLM's worker-side connector follow one simulated scheduler (vLLM's own
+    scheduler-side connector builds every step's metadata): one commits each step through vLLM's
+    prepare_output and process_output, the other through StepCommit. Every step's outputs must be
+    identical, so must every block either side stored, and every request's routing, gathered as
+    vLLM's scheduler takes it, must equal the rows of its tokens: chunked prefill, preemption,
+    prefix-cache hits on prompts and on decoded blocks (a next turn of a finished request)."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector
+
+    from verl_r3.bench.vllm_commit import SimRequest, vllm_commit, worker_connector
+    from verl_r3.patches.vllm_cpu_capture_0_32 import StepCommit
+
+    rnd = random.Random(0)
+    shared = [rnd.randrange(1, 250) for _ in range(2 * BLOCK + 1)]
+
+    def request(rid, prompt, max_new):
+        req = SimRequest(rid, prompt, max_new, BLOCK)
+        req.hit, req.decoded_before = None, 0  # tokens from the prefix cache at admission; a parent's prompt
+        return req
+
+    waiting = []
+    for i in range(40):
+        own = [rnd.randrange(1, 250) for _ in range(rnd.randrange(1, 3 * BLOCK))]
+        waiting.append(request(f"r{i}", (shared + own) if i % 3 == 0 else own, rnd.randrange(1, 6 * BLOCK)))
+    kw = dict(block_size=BLOCK, layers=LAYERS, top_k=TOP_K, max_num_seqs=8, max_num_batched_tokens=16,
+              store_bytes=1 << 20)
+    scheduler, vllm_side, ours = AuxOutputSchedulerConnector(), worker_connector(**kw), worker_connector(**kw)
+    commit = StepCommit(ours)
+    requests, running, computed_blocks, taken, turns = {}, [], set(), {}, []
+    hits = preempted = steps = 0
+    while waiting or running:
+        steps += 1
+        assert steps < 2000
+        if running and rnd.random() < 0.15:  # preempt: vLLM tells the connector the request is done
+            victim = running.pop(rnd.randrange(len(running)))
+            scheduler.request_finished(victim)
+            victim.num_computed = 0
+            waiting.insert(0, victim)
+            preempted += 1
+        elif len(running) < 6 and waiting and rnd.random() < 0.7:
+            req = waiting.pop(0)
+            hashes = req.block_hashes
+            cached = 0
+            while cached < len(hashes) and hashes[cached] in computed_blocks:
+                cached += 1
+            req.num_computed = min(cached, (req.num_tokens - 1) // BLOCK) * BLOCK  # a hit is whole blocks
+            hits += req.num_computed > 0
+            req.hit = req.num_computed if req.hit is None else req.hit
+            requests[req.request_id] = req
+            running.append(req)
+        budget, scheduled = 16, {}
+        for req in running:
+            n = min(budget, req.num_tokens - req.num_computed)
+            if n > 0:
+                scheduled[req.request_id] = n
+                budget -= n
+        meta = scheduler.build_connector_meta(SimpleNamespace(num_scheduled_tokens=scheduled), requests)
+        vllm_side.begin_step(meta)
+        ours.begin_step(meta)
+        if not scheduled:
+            continue
+        ids = list(scheduled)
+        starts = np.array([requests[r].num_computed for r in ids])
+        bounds = np.cumsum([0] + [scheduled[r] for r in ids])
+        rows = np.stack([_row(requests[r].tokens, p) for r in ids
+                         for p in range(requests[r].num_computed, requests[r].num_computed + scheduled[r])])
+        sampled = np.array([int(requests[r].num_computed + scheduled[r] == requests[r].num_tokens) for r in ids],
+                           dtype=np.int32)
+        want = vllm_commit(vllm_side, ids, starts, bounds, rows.copy(), sampled)
+        got = commit(ids, starts, bounds, rows, sampled)
+        assert sorted(got) == sorted(want), steps
+        for rid in want:
+            assert got[rid].token_start == want[rid].token_start and np.array_equal(got[rid].rows, want[rid].rows), (
+                steps, rid)
+        for rid, s in zip(ids, sampled.tolist()):
+            req = requests[rid]
+            req.num_computed += scheduled[rid]
+            computed_blocks.update(req.block_hashes[:req.num_computed // BLOCK])
+            if not s:
+                continue
+            req.tokens.append(rnd.randrange(1, 250))
+            req.finished = req.num_output_tokens >= req.max_new
+            part = scheduler.take_output(req, got)
+            if part is not None:
+                taken.setdefault(rid, []).append(part)
+            if req.finished:
+                running.remove(req)
+                scheduler.request_finished(req)
+                if len(turns) < 20 and rnd.random() < 0.5:
+                    # A next turn: its prompt is this conversation so far, so it hits the blocks decoded here.
+                    turns.append(request(f"t{len(turns)}", req.tokens + [rnd.randrange(1, 250)], rnd.randrange(1, 9)))
+                    turns[-1].decoded_before = req.num_prompt_tokens
+                    waiting.append(turns[-1])
+    assert hits >= 3 and preempted >= 3 and len(turns) >= 10
+    assert sum(t.hit > t.decoded_before + BLOCK for t in turns) >= 5  # decoded blocks came back from the store
+    assert commit.fast_rows > 100 and commit.full_requests > 50
+    for rid, req in requests.items():
+        expected = np.stack([_row(req.tokens, p) for p in range(req.num_tokens - 1)])
+        assert np.array_equal(np.concatenate(taken[rid]), expected), rid
+    keys = list(vllm_side._store._store._lru)  # every block either side published, byte for byte
+    assert len(keys) > 100 and sorted(keys) == sorted(ours._store._store._lru)
+    assert ours._store.get_concatenated(keys) == vllm_side._store.get_concatenated(keys)
+    vllm_side._store.close()
+    ours._store.close()

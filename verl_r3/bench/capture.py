@@ -17,7 +17,11 @@ captured.
 same rounds: ``control_ratio = control / plain`` is what two identical sides measure apart on
 this machine, the resolution any ``ratio`` here has. vLLM engines are started twice, in one
 order and then the reverse, each order timing half of the rounds (the engine started first runs
-differently here).
+differently here), and get two warm-up rounds each. vLLM binds its CPU worker to its own cores
+and reserves the rest for its front end and engine core, but does not keep those off the
+worker's cores; by default the benchmark pins them (this process and the engine cores) to the
+reserved cores after each start, the same for every side (``--no-pin`` leaves them to the OS).
+The result's ``machine.placement`` says where they ran.
 
 - ``hf``: ``verl_r3.integration.hf_rollout.HFGenerator`` in this process (``capture_routing``).
 - ``vllm``: two ``AsyncLLM`` engines in this environment (``verl_r3.engines.vllm_engine``);
@@ -133,8 +137,54 @@ def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, 
     return runs, machine(transformers=transformers.__version__)
 
 
-def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str
-              ) -> tuple[dict, dict]:
+def _set_affinity(pid: int, cpus) -> None:
+    """Every thread of process ``pid`` onto ``cpus`` (threads started later inherit it); a process or
+    thread that ended meanwhile is passed over."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return
+    for tid in threads:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass
+
+
+def pin_engine_processes(allowed: set[int]) -> dict:
+    """Put this process and vLLM's other processes on the CPUs vLLM left free of its workers.
+
+    vLLM's CPU worker binds itself to its cores (``VLLM_CPU_OMP_THREADS_BIND``, ``auto`` by default)
+    and reserves the others for the front end and engine core, but leaves those two free to run
+    anywhere, so the OS may also run them on the worker's core. Workers are the processes vLLM
+    names ``VLLM::Worker``; processes that end while this runs are passed over. Returns ``{"pinned": cpus,
+    "worker_cpus": cpus}``, or ``{"pinned": None, "why": ...}`` where they are not bound to part of
+    ``allowed`` (then nothing is moved)."""
+    import psutil
+
+    def name(p) -> str:
+        try:
+            return p.name()
+        except psutil.NoSuchProcess:
+            return ""
+
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    workers = [p for p in children if name(p).startswith("VLLM::Worker")]
+    if not workers or any(set(p.cpu_affinity()) == allowed for p in workers):
+        return {"pinned": None, "why": "vLLM's workers are not bound to part of this process's CPUs "
+                                       f"{sorted(allowed)} (VLLM_CPU_OMP_THREADS_BIND)"}
+    worker_cpus = set().union(*(p.cpu_affinity() for p in workers))
+    reserved = allowed - worker_cpus
+    if not reserved:
+        return {"pinned": None, "why": f"the vLLM workers are bound to every CPU {sorted(allowed)}"}
+    for p in [me] + [c for c in children if c not in workers]:
+        _set_affinity(p.pid, reserved)
+    return {"pinned": sorted(reserved), "worker_cpus": sorted(worker_cpus)}
+
+
+def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str,
+              pin: bool = True) -> tuple[dict, dict]:
     # vLLM logs to stdout by default; the benchmark's stdout is its table or JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
@@ -163,11 +213,17 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
                 continue
             engines = {}
             try:
+                _set_affinity(os.getpid(), allowed)  # new engines bind their workers as on a fresh start
                 for side in started:
                     engines[side] = V.start_engine(path, capture=side == "capture", dtype=dtype, max_model_len=length,
                                                    max_num_batched_tokens=max(2048, length), max_num_seqs=len(first))
-                for side in sides:
-                    await timed(engines[side], side, 0)  # warm-up
+                if pin:
+                    placement.append(pin_engine_processes(allowed))
+                # Two warm-up rounds: after one, the first timed round of the engine started first
+                # still ran about 30% slower here.
+                for _ in range(2):
+                    for side in sides:
+                        await timed(engines[side], side, 0)
                 for i in range(count):
                     for side in _order(sides, i):
                         out[side].append(await timed(engines[side], side, done + i + 1))
@@ -177,8 +233,16 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
             done += count
         return out
 
-    runs = asyncio.run(main())
-    return runs, machine(vllm=vllm.__version__)
+    allowed = set(os.sched_getaffinity(0))
+    placement: list[dict] = []
+    try:
+        runs = asyncio.run(main())
+    finally:
+        _set_affinity(os.getpid(), allowed)
+    where = placement[0] if placement else {"pinned": None, "why": "not asked (--no-pin)"}
+    if any(p != where for p in placement):
+        where = {"pinned": [p["pinned"] for p in placement], "why": "the two engine starts were placed differently"}
+    return runs, machine(vllm=vllm.__version__, placement=where)
 
 
 def sglang_python() -> str | None:
@@ -221,10 +285,13 @@ def _run_sglang(**kw) -> dict:
 
 def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,
         layers: int = 4, experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32",
-        seed: int = 0, control: bool = False) -> dict:
-    """Measure ``engine`` and return the result dict (see the module docstring)."""
+        seed: int = 0, control: bool = False, pin: bool | None = None) -> dict:
+    """Measure ``engine`` and return the result dict (see the module docstring). ``pin`` (vllm only,
+    default on) puts the front end and engine cores on the CPUs vLLM reserved for them."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
+    if pin is not None and engine != "vllm":
+        raise ValueError(f"--no-pin is a vllm option: only vLLM's processes are pinned, not {engine}'s")
     if control and engine == "sglang":
         raise ValueError("--control runs for hf and vllm; SGLang's benchmark has no control instance")
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
@@ -244,9 +311,11 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     rounds_batches = batches(seed, rounds, prompts, prompt_len)
     with tempfile.TemporaryDirectory() as path:
         build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
-        runner = _run_hf if engine == "hf" else _run_vllm
         sides = ["capture", "plain"] + (["control"] if control else [])
-        runs, machine = runner(path, sides, rounds_batches, new_tokens, rounds, dtype)
+        if engine == "hf":
+            runs, machine = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype)
+        else:
+            runs, machine = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype, pin=pin is not False)
     return _summary(engine, runs, shape, machine)
 
 
@@ -260,7 +329,13 @@ def format_result(result: dict) -> str:
                      f"tokens each; {s.get('layers')} layers, {s.get('experts')} experts, top-{s.get('top_k')}, "
                      f"hidden {s.get('hidden')}, {s.get('dtype')}")
     if m:
-        lines.append("machine  " + ", ".join(f"{k} {v}" for k, v in m.items()))
+        lines.append("machine  " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "placement"))
+    where = m.get("placement")
+    if where and where.get("worker_cpus"):
+        lines.append(f"placement front end and engine cores pinned to CPUs {where['pinned']}, the cores vLLM left "
+                     f"free of its workers (CPUs {where['worker_cpus']})")
+    elif where:
+        lines.append(f"placement not pinned: {where['why']}")
     lines.append(f"rounds   {result['rounds']} per side, interleaved; median tokens/s:")
     for side in ("capture", "plain", "control"):
         if f"tokens_per_s_{side}" not in result:
