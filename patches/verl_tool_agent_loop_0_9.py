@@ -68,7 +68,8 @@ from verl_r3.patches._window import check_window, installed_version
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ">=0.9.0,<0.10.0"
-_TARGET_MODULE = "verl.experimental.agent_loop.tool_agent_loop"
+#: The module patched (``verl_r3.integration.activate`` applies the patch when verl imports it).
+TARGET_MODULE = "verl.experimental.agent_loop.tool_agent_loop"
 _CLASS = "ToolAgentLoop"
 _METHOD = "_handle_generating_state"
 # AgentData attribute holding the token ids the recorded rows belong to (verl itself stores
@@ -86,7 +87,7 @@ def check_version() -> str:
     """Return the installed verl version, or raise RuntimeError if it is outside the window."""
     return check_window(
         "verl_tool_agent_loop_0_9", "verl", installed_verl_version(), SUPPORTED,
-        f"check whether {_TARGET_MODULE}.{_CLASS}.{_METHOD} still replaces agent_data.routed_experts with each "
+        f"check whether {TARGET_MODULE}.{_CLASS}.{_METHOD} still replaces agent_data.routed_experts with each "
         "turn's output and add a patch module for its version window if it does",
     )
 
@@ -202,11 +203,11 @@ def apply() -> bool:
     if _original:
         return False
     version = check_version()
-    cls = getattr(importlib.import_module(_TARGET_MODULE), _CLASS)
+    cls = getattr(importlib.import_module(TARGET_MODULE), _CLASS)
     current = cls.__dict__.get(_METHOD)
     if current is None or not inspect.iscoroutinefunction(current):
         raise RuntimeError(
-            f"verl_tool_agent_loop_0_9: {_TARGET_MODULE}.{_CLASS}.{_METHOD} is missing or not a coroutine"
+            f"verl_tool_agent_loop_0_9: {TARGET_MODULE}.{_CLASS}.{_METHOD} is missing or not a coroutine"
         )
     try:
         source = inspect.getsource(current)
@@ -220,7 +221,7 @@ def apply() -> bool:
     _original.append(current)
     setattr(cls, _METHOD, _stitching(current))
     logger.info("verl_tool_agent_loop_0_9: verl %s: %s.%s.%s keeps earlier turns' routing and appends each turn's "
-                "new rows", version, _TARGET_MODULE, _CLASS, _METHOD)
+                "new rows", version, TARGET_MODULE, _CLASS, _METHOD)
     return True
 
 
@@ -228,9 +229,9 @@ def revert() -> bool:
     """Restore verl's coroutine. Idempotent."""
     if not _original:
         return False
-    cls = getattr(importlib.import_module(_TARGET_MODULE), _CLASS)
+    cls = getattr(importlib.import_module(TARGET_MODULE), _CLASS)
     if getattr(cls.__dict__.get(_METHOD), "__wrapped__", None) is _original[0]:
         setattr(cls, _METHOD, _original[0])
     _original.clear()
-    logger.info("verl_tool_agent_loop_0_9: restored %s.%s.%s", _TARGET_MODULE, _CLASS, _METHOD)
+    logger.info("verl_tool_agent_loop_0_9: restored %s.%s.%s", TARGET_MODULE, _CLASS, _METHOD)
     return True

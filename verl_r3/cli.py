@@ -4,6 +4,7 @@
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
     verl-r3 bench commit [--json] [options]    vLLM CPU patch: the worker's per-step routing commit (verl_r3.bench.vllm_commit)
+    verl-r3 bench startup [--json] [options]   what loading verl_r3 adds to each verl process's `import verl` (verl_r3.bench.startup)
     verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
     verl-r3 bench e2e [--json] [options]       seconds per quickstart step, GRPO+R3 vs GRPO (verl_r3.bench.e2e)
     verl-r3 doctor [--json]                    versions, and each engine's capture path (verl_r3.doctor)
@@ -142,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     commit.add_argument("--repeats", type=_positive, default=5, help="timed repeats (default 5)")
     commit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     commit.set_defaults(func=_bench_commit)
+
+    startup = benches.add_parser(
+        "startup",
+        help="what loading verl_r3 adds to each verl process's `import verl`",
+        description="Import a module (default verl) in fresh interpreters, without and with "
+        "VERL_USE_EXTERNAL_MODULES=verl_r3.integration.activate, sides alternating; medians of the import's "
+        "seconds, their ratio, the modules loaded, and whether verl's engines, rollouts or agent loops were.",
+    )
+    startup.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    startup.add_argument("--module", default="verl", help="module to import (default verl)")
+    startup.add_argument("--repeats", type=_positive, default=5, help="timed imports per side (default 5)")
+    startup.add_argument("--cpu-platform", action="store_true", help="set VERL_PLATFORM=cpu on both sides")
+    startup.set_defaults(func=_bench_startup)
 
     memory = benches.add_parser(
         "memory",
@@ -292,6 +306,18 @@ def _bench_commit(args: argparse.Namespace) -> int:
         print(f"verl-r3 bench commit: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else vllm_commit.format_result(result))
+    return 0
+
+
+def _bench_startup(args: argparse.Namespace) -> int:
+    from verl_r3.bench import startup
+
+    try:
+        result = startup.run(module=args.module, repeats=args.repeats, cpu_platform=args.cpu_platform)
+    except (ValueError, RuntimeError) as exc:
+        print(f"verl-r3 bench startup: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else startup.format_result(result))
     return 0
 
 

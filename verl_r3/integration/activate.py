@@ -1,7 +1,10 @@
 """Load verl_r3 into every verl process: ``VERL_USE_EXTERNAL_MODULES=verl_r3.integration.activate``.
 
 verl imports the modules named in VERL_USE_EXTERNAL_MODULES during ``import verl`` in every
-process it starts (driver, task runner, Ray workers). Importing this one:
+process it starts (driver, task runner, Ray workers). Importing this one costs little: each
+registration and patch below is applied when verl imports the module it changes, so a process
+that never loads verl's engines, rollouts or agent loops (a reward worker, a storage unit, the
+driver) never imports them. Importing this module:
 
 - registers the CPU platform (``verl_r3.integration.cpu_platform``; it only takes effect
   with ``VERL_PLATFORM=cpu``) and, on that platform, verl's FSDP engines for device ``cpu``;
@@ -31,27 +34,36 @@ import os
 
 from verl_r3.engines.sglang_engine import CPU_FLAG as SGLANG_CPU_FLAG
 from verl_r3.integration import cpu_platform
-from verl_r3.integration.fsdp_cpu import register_cpu_engines
+from verl_r3.integration.fsdp_cpu import ENGINE_MODULE, register_cpu_engines
 from verl_r3.integration.fsdp_replay import register_replay_engines
 from verl_r3.integration import step_metrics
-from verl_r3.integration.hf_rollout import register_hf_rollout
+from verl_r3.integration.hf_rollout import (REPLICA_REGISTRY_MODULE, ROLLOUT_REGISTRY_MODULE, register_hf_replica,
+                                             register_hf_rollout_worker)
 from verl_r3.integration.import_hooks import when_imported
 from verl_r3.integration.vllm_cpu import KV_CACHE_ENV, install_version_alias
 from verl_r3.patches import verl_agent_loop_routing_0_9, verl_tool_agent_loop_0_9
 
-install_version_alias()
-if cpu_platform.is_selected():
-    register_cpu_engines()
-    if KV_CACHE_ENV not in os.environ:
-        os.environ[KV_CACHE_ENV] = "1"
-        logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
-    if os.environ.get(SGLANG_CPU_FLAG) == "1":  # verl's SGLang rollout, in SGLang's own environment
-        from verl_r3.engines.sglang_engine import prepare_verl_rollout_on_cpu
 
-        prepare_verl_rollout_on_cpu()
-register_replay_engines()
-register_hf_rollout()
-verl_tool_agent_loop_0_9.apply()
+def _register_engines(_module) -> None:
+    if cpu_platform.is_selected():
+        register_cpu_engines()
+    register_replay_engines()
+
+
+install_version_alias()
+if cpu_platform.is_selected() and KV_CACHE_ENV not in os.environ:
+    os.environ[KV_CACHE_ENV] = "1"
+    logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
+if cpu_platform.is_selected() and os.environ.get(SGLANG_CPU_FLAG) == "1":  # verl's SGLang rollout, in SGLang's environment
+    from verl_r3.engines.sglang_engine import prepare_verl_rollout_on_cpu
+
+    prepare_verl_rollout_on_cpu()
+# Each registration and patch waits for the verl module it changes (see the docstring); verl
+# registers its own FSDP engines in ENGINE_MODULE, ours go in right after.
+when_imported(ENGINE_MODULE, _register_engines)
+when_imported(ROLLOUT_REGISTRY_MODULE, register_hf_rollout_worker)
+when_imported(REPLICA_REGISTRY_MODULE, register_hf_replica)
+when_imported(verl_tool_agent_loop_0_9.TARGET_MODULE, lambda _module: verl_tool_agent_loop_0_9.apply())
 when_imported("verl.experimental.agent_loop.agent_loop",
               lambda _module: verl_agent_loop_routing_0_9.apply(import_v1=False))
 when_imported("verl.trainer.ppo.v1.agent_loop_tq", lambda _module: verl_agent_loop_routing_0_9.apply())

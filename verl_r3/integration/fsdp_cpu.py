@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["CPU_DEVICE", "BACKENDS", "register_cpu_engines", "registered"]
+__all__ = ["CPU_DEVICE", "BACKENDS", "ENGINE_MODULE", "register_cpu_engines", "registered"]
 
 CPU_DEVICE = "cpu"
+#: The verl module that defines (and registers) the FSDP engines.
+ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
 BACKENDS = ("fsdp", "fsdp2")
 
 _lock = threading.Lock()

@@ -529,8 +529,9 @@ def replay_engine_class():
     """``FSDPReplayEngine``: verl's ``FSDPEngineWithLMHead`` with router replay (built once, lazily)."""
     global _ENGINE_CLASS
     if _ENGINE_CLASS is None:
+        # With verl_r3 activated, this import may register the engines, building the class first.
         from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-
+    if _ENGINE_CLASS is None:
         _ENGINE_CLASS = type("FSDPReplayEngine", (RouterReplayEngineMixin, FSDPEngineWithLMHead), {
             "__doc__": "verl's FSDP/FSDP2 engine with router replay (verl_r3.integration.fsdp_replay).",
             "__module__": __name__,

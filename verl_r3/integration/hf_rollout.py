@@ -75,7 +75,11 @@ __all__ = [
     "Request",
     "Result",
     "fuse_expert_weights",
+    "REPLICA_REGISTRY_MODULE",
+    "ROLLOUT_REGISTRY_MODULE",
+    "register_hf_replica",
     "register_hf_rollout",
+    "register_hf_rollout_worker",
 ]
 
 NAME = "hf"
@@ -639,11 +643,31 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
+#: The verl modules holding the two registries ``hf`` goes into (worker side, replica side).
+ROLLOUT_REGISTRY_MODULE = "verl.workers.rollout.base"
+REPLICA_REGISTRY_MODULE = "verl.workers.rollout.replica"
+
+
+def register_hf_rollout_worker(module=None) -> None:
+    """Put ``hf`` in verl's worker-side rollout registry (``ROLLOUT_REGISTRY_MODULE``). Idempotent."""
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(ROLLOUT_REGISTRY_MODULE)
+    module._ROLLOUT_REGISTRY.setdefault((NAME, "async"), _ADAPTER_PATH)
+
+
+def register_hf_replica(module=None) -> None:
+    """Put ``hf`` in verl's replica registry (``REPLICA_REGISTRY_MODULE``). Idempotent."""
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(REPLICA_REGISTRY_MODULE)
+    if NAME not in module.RolloutReplicaRegistry._registry:
+        module.RolloutReplicaRegistry.register(NAME, _replica_class)
+
+
 def register_hf_rollout() -> None:
     """Register rollout name ``hf`` with verl (worker-side registry and replica registry). Idempotent."""
-    from verl.workers.rollout.base import _ROLLOUT_REGISTRY
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    _ROLLOUT_REGISTRY.setdefault((NAME, "async"), _ADAPTER_PATH)
-    if NAME not in RolloutReplicaRegistry._registry:
-        RolloutReplicaRegistry.register(NAME, _replica_class)
+    register_hf_rollout_worker()
+    register_hf_replica()
