@@ -1,12 +1,13 @@
-"""Each recipe's R3 script, run for real with ``SMOKE=1``: verl's trainer on CPU, 2 steps.
+"""Recipe scripts, run for real with ``SMOKE=1``: verl's trainer on CPU, 2 steps.
 
 The script is started the way a user starts it (``SMOKE=1 bash recipes/<recipe>/run_....sh``). It
 builds the tiny model and the recipe's offline data, then runs ``main_ppo`` with the recipe's
 config, reward, and (agent) tool and agent loop. What is checked comes from what verl logged: its
 metrics file and its rollout dumps (``trainer.rollout_data_dir``).
 
-CI runs one R3 script per recipe: the agent's on vLLM's CPU build (the recipes' default engine),
-math and code on the ``hf`` engine, which starts sooner (vLLM runs ``main_ppo`` end to end in
+CI runs one script per recipe: the agent's GSPO+R3 on vLLM's CPU build (the recipes' default
+engine), code's GRPO+R3 and math's GRPO+TIS (the one real TIS run of the suite) on the ``hf``
+engine, which starts sooner (vLLM runs ``main_ppo`` end to end in
 tests/integration/test_main_ppo_cpu.py and tests/quickstart/test_quickstart_run.py too). ``VERL_R3_SMOKE_ALL=1`` runs every script of every recipe (30 runs, about an hour on 2
 cores).
 """
@@ -29,7 +30,7 @@ from recipe_scripts import MODELS, NAMES, ROOT, VARIANTS, recipe_env, script  # 
 
 RUN_TIMEOUT_S = 600   # the script's own limit (TIMEOUT_S); the test waits a little longer
 
-CI_RUNS = [("math", "qwen3_30b_a3b", "grpo_r3", "hf"),
+CI_RUNS = [("math", "qwen3_30b_a3b", "grpo_tis", "hf"),
            ("code", "olmoe_1b_7b", "grpo_r3", "hf"),
            ("agent", "olmoe_1b_7b", "gspo_r3", "vllm")]
 ALL_RUNS = [(r, m, v, "vllm") for r in NAMES for m in MODELS for v in VARIANTS]
@@ -84,8 +85,11 @@ def test_recipe_script_smoke_runs(recipe, model, variant, engine, smoke_dirs, tm
         if variant.endswith("_r3"):  # every MoE layer replayed every response token, exactly
             assert data["r3/replay_active_frac"] == 1.0
             assert data["r3/router_disagree_replayed"] == 0.0
-        else:
+        else:  # no replay: the experts used are the trainer's own, disagreeing with the rollout's as measured
             assert data["r3/replay_active_frac"] == 0.0
+            assert data["r3/router_disagree_replayed"] == data["r3/router_disagree"]
+        if variant.endswith("_tis"):  # verl weighted each token by its rollout importance ratio
+            assert data["rollout_corr/rollout_is_mean"] > 0
         # the update reached the parameters (with rewards of 0, through SMOKE's entropy term), under replay
         assert data["actor/grad_norm"] > 0 and data["actor/lr"] > 0
         assert 0.0 <= data["critic/score/mean"] <= 1.0
