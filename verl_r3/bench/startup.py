@@ -14,7 +14,6 @@ out) and counts the modules it loaded. The figure is the ratio of the medians, a
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -40,13 +39,6 @@ print("STARTUP " + json.dumps({"seconds": seconds, "modules": len(sys.modules),
 """
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def _child_env(side: str, cpu_platform: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}
     if side == "activated":
@@ -70,6 +62,7 @@ def run(*, module: str = "verl", repeats: int = 5, cpu_platform: bool = False, t
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     from verl_r3.bench.capture import machine
+    from verl_r3.patches._window import installed_version
 
     runs = {side: [] for side in SIDES}
     last = {}
@@ -86,7 +79,7 @@ def run(*, module: str = "verl", repeats: int = 5, cpu_platform: bool = False, t
             "plain_runs": runs["plain"], "activated_runs": runs["activated"],
             "modules_plain": last["plain"]["modules"], "modules_activated": last["activated"]["modules"],
             "heavy_plain": last["plain"]["heavy"], "heavy_activated": last["activated"]["heavy"],
-            "machine": machine(python=platform.python_version(), verl=_version("verl"))}
+            "machine": machine(python=platform.python_version(), verl=installed_version("verl"))}
 
 
 def format_result(result: dict) -> str:

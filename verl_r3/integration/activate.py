@@ -51,13 +51,14 @@ def _register_engines(_module) -> None:
 
 
 install_version_alias()
-if cpu_platform.is_selected() and KV_CACHE_ENV not in os.environ:
-    os.environ[KV_CACHE_ENV] = "1"
-    logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
-if cpu_platform.is_selected() and os.environ.get(SGLANG_CPU_FLAG) == "1":  # verl's SGLang rollout, in SGLang's environment
-    from verl_r3.engines.sglang_engine import prepare_verl_rollout_on_cpu
+if cpu_platform.is_selected():
+    if KV_CACHE_ENV not in os.environ:
+        os.environ[KV_CACHE_ENV] = "1"
+        logging.getLogger(__name__).info("verl_r3: %s=1 (GiB of KV cache for vLLM on CPU)", KV_CACHE_ENV)
+    if os.environ.get(SGLANG_CPU_FLAG) == "1":  # verl's SGLang rollout, in SGLang's own environment
+        from verl_r3.engines.sglang_engine import prepare_verl_rollout_on_cpu
 
-    prepare_verl_rollout_on_cpu()
+        prepare_verl_rollout_on_cpu()
 # Each registration and patch waits for the verl module it changes (see the docstring); verl
 # registers its own FSDP engines in ENGINE_MODULE, ours go in right after.
 when_imported(ENGINE_MODULE, _register_engines)

