@@ -26,8 +26,17 @@ __all__ = ["ACTIVATE", "SIDES", "format_result", "run"]
 ACTIVATE = "verl_r3.integration.activate"
 SIDES = ("plain", "activated")
 
-# verl modules a process that needs them imports anyway; activation alone should not.
-_HEAVY = ("verl.workers.engine", "verl.workers.rollout.base", "verl.experimental.agent_loop.tool_agent_loop", "peft")
+
+def _heavy() -> list[str]:
+    """The verl modules activation registers or patches into once verl imports them (a process
+    that needs them imports them anyway; activation alone must not), and ``peft``, which verl's
+    engines pull in."""
+    from verl_r3.integration.fsdp_cpu import ENGINE_MODULE
+    from verl_r3.integration.hf_rollout import REPLICA_REGISTRY_MODULE, ROLLOUT_REGISTRY_MODULE
+    from verl_r3.patches.verl_tool_agent_loop_0_9 import TARGET_MODULE
+
+    return [ENGINE_MODULE, ROLLOUT_REGISTRY_MODULE, REPLICA_REGISTRY_MODULE, TARGET_MODULE, "peft"]
+
 
 _CHILD = r"""
 import json, sys, time
@@ -48,8 +57,8 @@ def _child_env(side: str, cpu_platform: bool) -> dict:
     return env
 
 
-def _one(side: str, module: str, cpu_platform: bool, timeout_s: float) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, module, json.dumps(_HEAVY)], env=_child_env(side, cpu_platform),
+def _one(side: str, module: str, heavy: list[str], cpu_platform: bool, timeout_s: float) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _CHILD, module, json.dumps(heavy)], env=_child_env(side, cpu_platform),
                           capture_output=True, text=True, timeout=timeout_s)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("STARTUP ")]
     if proc.returncode != 0 or not lines:
@@ -64,12 +73,13 @@ def run(*, module: str = "verl", repeats: int = 5, cpu_platform: bool = False, t
     from verl_r3.bench.capture import machine
     from verl_r3.patches._window import installed_version
 
+    heavy = _heavy()
     runs = {side: [] for side in SIDES}
     last = {}
     for k in range(repeats + 1):  # the first pair warms the file cache
         order = SIDES if k % 2 == 0 else SIDES[::-1]
         for side in order:
-            last[side] = _one(side, module, cpu_platform, timeout_s)
+            last[side] = _one(side, module, heavy, cpu_platform, timeout_s)
             if k:
                 runs[side].append(last[side]["seconds"])
     medians = {side: statistics.median(runs[side]) for side in SIDES}
