@@ -48,15 +48,22 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
 
 @pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True), ("vllm", 2, False)])
 def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine, rounds, control):
-    """vLLM: 2 rounds, one per engine start order (4 engine starts). --control adds a second instance
-    without capture, one more entry in the sides every engine's round loop walks; it is checked on hf,
-    where it costs no engine start."""
+    """vLLM: 2 rounds, one per engine start order (4 engine starts), with --stages (timers inside the
+    engines' processes; see ``check_stages``). --control adds a second instance without capture, one
+    more entry in the sides every engine's round loop walks; it is checked on hf, where it costs no
+    engine start."""
     if engine == "vllm":
         pytest.importorskip("vllm")
     argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
     allowed = os.sched_getaffinity(0)
-    result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + (["--control"] if control else []))
+    extra = (["--control"] if control else []) + (["--stages"] if engine == "vllm" else [])
+    result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + extra)
     if engine == "vllm":
+        check_stages(result["stages"], layers=2, prompts=4)
+        from verl_r3.bench.capture import format_result
+
+        table = format_result(result)
+        assert "StepCommit: rows into blocks and outputs" in table and "(2.0 calls per step)" in table
         # Both engine starts: the front end (this process) and the engine cores on the CPUs vLLM's workers
         # left free, and this process back on all of its CPUs afterwards.
         where = result["machine"]["placement"]
@@ -75,6 +82,54 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
                                                         statistics.median(result["plain_runs"]))
     else:
         assert "control_ratio" not in result
+
+
+def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
+    """``--stages``: each side's figures come from its own engines' processes. Only the capturing
+    engines ran the routing stages, once per step (the routers' capture once per MoE layer per
+    forward, the scheduler connector once per request that emitted output); the stages both
+    engines run were timed on both. Each process writes its figures at the end of a step, so a
+    step's stages are counted together."""
+    from verl_r3.integration.stage_times import STAGES
+
+    capture, plain = stages["capture"], stages["plain"]
+    both = {"worker.execute_model", "worker.sample_tokens", "core.schedule", "core.update_from_output", "core.encode"}
+    only_capture = {"worker.capture", "worker.snapshot", "worker.begin_step", "worker.commit",
+                    "core.build_connector_meta", "core.take_output"}
+    assert both | only_capture <= set(capture) <= set(STAGES), sorted(capture)
+    # The routing store is written once a block fills (none does at this size); collections may not come.
+    assert both <= set(plain) <= both | {"worker.gc", "core.gc"}, sorted(plain)
+    steps = capture["worker.sample_tokens"]["calls"]
+    # A step that schedules nothing calls execute_model and returns without sampling.
+    assert steps > 0 and capture["worker.execute_model"]["calls"] >= steps
+    assert capture["worker.commit"]["calls"] == capture["worker.snapshot"]["calls"] == steps
+    assert capture["worker.capture"]["calls"] == layers * steps
+    assert 0 < capture["core.take_output"]["calls_per_step"] <= prompts
+    assert plain["worker.sample_tokens"]["calls"] > 0 and plain["core.update_from_output"]["calls"] > 0
+    for side in (capture, plain):
+        for key, f in side.items():
+            assert f["calls"] > 0 and f["seconds"] > 0 and f["us_per_step"] > 0, (key, f)
+
+
+def test_stage_timers_install_only_in_vllms_own_processes_and_read_sums_them(monkeypatch, tmp_path):
+    from verl_r3.integration import stage_times
+
+    monkeypatch.setenv(stage_times.ENV, str(tmp_path))
+    assert stage_times.install() is False  # this process starts engines: its front end is every engine's
+    assert not list(tmp_path.iterdir())
+    for pid, (steps, commits, seconds) in {11: (10, 10, 0.002), 12: (30, 30, 0.004)}.items():
+        (tmp_path / f"{pid}.json").write_text(json.dumps({"pid": pid, "stages": {
+            "worker.sample_tokens": [steps, 0.1], "worker.commit": [commits, seconds], "core.take_output": [0, 0.0]}}))
+    figures = stage_times.read(tmp_path)
+    assert set(figures) == {"worker.sample_tokens", "worker.commit"}  # a stage never called is left out
+    commit = figures["worker.commit"]
+    assert commit["calls"] == 40 and commit["calls_per_step"] == 1.0
+    assert commit["us_per_step"] == pytest.approx(0.006 / 40 * 1e6) == commit["us_per_call"]
+
+
+def test_bench_capture_stages_are_refused_outside_vllm(capsys):
+    assert main(["bench", "capture", "--engine", "hf", "--stages"]) == 2
+    assert "--stages is a vllm option" in capsys.readouterr().err
 
 
 def test_bench_capture_control_is_refused_for_sglang(capsys):

@@ -2,7 +2,8 @@
 
     verl-r3 demo [--quick] [--seed N]          alias of `verl-r3 diagnose --demo` (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
-    verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture)
+    verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture);
+                                               vllm: --stages times each routing stage in vLLM's processes
     verl-r3 bench commit [--json] [options]    vLLM CPU patch: the worker's per-step routing commit (verl_r3.bench.vllm_commit)
     verl-r3 bench startup [--json] [options]   what loading verl_r3 adds to each verl process's `import verl` (verl_r3.bench.startup)
     verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--no-pin", action="store_true",
                          help="vllm: leave the front end and engine cores where the OS puts them (by default they "
                               "are pinned to the CPUs vLLM reserves for them, off its workers' cores)")
+    capture.add_argument("--stages", action="store_true",
+                         help="vllm: also time each routing stage inside the engines' own processes and print its "
+                              "microseconds per engine step, every side beside the others")
     capture.set_defaults(func=_bench_capture)
 
     commit = benches.add_parser(
@@ -287,7 +291,7 @@ def _bench_capture(args: argparse.Namespace) -> int:
         result = capture.run(args.engine, rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
                              hidden=args.hidden, dtype=args.dtype, seed=args.seed, control=args.control,
-                             pin=False if args.no_pin else None)
+                             pin=False if args.no_pin else None, stages=args.stages)
     except (ValueError, RuntimeError) as exc:
         print(f"verl-r3 bench capture: error: {exc}", file=sys.stderr)
         return 2

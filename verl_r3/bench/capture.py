@@ -184,12 +184,13 @@ def pin_engine_processes(allowed: set[int]) -> dict:
 
 
 def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str,
-              pin: bool = True) -> tuple[dict, dict]:
+              pin: bool = True, stages_dir: str | None = None) -> tuple[dict, dict]:
     # vLLM logs to stdout by default; the benchmark's stdout is its table or JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
 
     from verl_r3.engines import vllm_engine as V
+    from verl_r3.integration import stage_times
 
     async def timed(engine, side: str, k: int) -> float:
         figures = await V.run(engine, [V.EngineRequest(p, new_tokens) for p in rounds_batches[k]])
@@ -215,8 +216,15 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
             try:
                 _set_affinity(os.getpid(), allowed)  # new engines bind their workers as on a fresh start
                 for side in started:
-                    engines[side] = V.start_engine(path, capture=side == "capture", dtype=dtype, max_model_len=length,
-                                                   max_num_batched_tokens=max(2048, length), max_num_seqs=len(first))
+                    if stages_dir is not None:  # the engine's processes time their stages into the side's folder
+                        os.environ[stage_times.ENV] = os.path.join(stages_dir, side)
+                    try:
+                        engines[side] = V.start_engine(path, capture=side == "capture", dtype=dtype,
+                                                       max_model_len=length, max_num_seqs=len(first),
+                                                       max_num_batched_tokens=max(2048, length))
+                    finally:
+                        if stages_dir is not None:
+                            os.environ.pop(stage_times.ENV, None)
                 if pin:
                     placement.append(pin_engine_processes(allowed))
                 # Two warm-up rounds: after one, the first timed round of the engine started first
@@ -285,13 +293,17 @@ def _run_sglang(**kw) -> dict:
 
 def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,
         layers: int = 4, experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32",
-        seed: int = 0, control: bool = False, pin: bool | None = None) -> dict:
+        seed: int = 0, control: bool = False, pin: bool | None = None, stages: bool = False) -> dict:
     """Measure ``engine`` and return the result dict (see the module docstring). ``pin`` (vllm only,
-    default on) puts the front end and engine cores on the CPUs vLLM reserved for them."""
+    default on) puts the front end and engine cores on the CPUs vLLM reserved for them. ``stages``
+    (vllm only) also times the routing stages inside each engine's processes: the result's ``stages``
+    holds, per side, ``verl_r3.integration.stage_times.read`` of its engines."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if pin is not None and engine != "vllm":
         raise ValueError(f"--no-pin is a vllm option: only vLLM's processes are pinned, not {engine}'s")
+    if stages and engine != "vllm":
+        raise ValueError(f"--stages is a vllm option: it times stages inside vLLM's processes, not {engine}'s")
     if control and engine == "sglang":
         raise ValueError("--control runs for hf and vllm; SGLang's benchmark has no control instance")
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
@@ -309,14 +321,20 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
                          f"{MAX_POSITIONS} positions")
     rounds_batches = batches(seed, rounds, prompts, prompt_len)
-    with tempfile.TemporaryDirectory() as path:
+    with tempfile.TemporaryDirectory() as path, tempfile.TemporaryDirectory() as timers:
         build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
         sides = ["capture", "plain"] + (["control"] if control else [])
         if engine == "hf":
             runs, machine = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype)
-        else:
-            runs, machine = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype, pin=pin is not False)
-    return _summary(engine, runs, shape, machine)
+            return _summary(engine, runs, shape, machine)
+        runs, machine = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype, pin=pin is not False,
+                                  stages_dir=timers if stages else None)
+        result = _summary(engine, runs, shape, machine)
+        if stages:
+            from verl_r3.integration import stage_times
+
+            result["stages"] = {side: stage_times.read(os.path.join(timers, side)) for side in sides}
+    return result
 
 
 def format_result(result: dict) -> str:
@@ -347,7 +365,33 @@ def format_result(result: dict) -> str:
     if "control_ratio" in result:
         lines.append(f"control  {result['control_ratio']:.4f} control / plain  (two instances without capture: how far "
                      "apart identical sides land on this machine)")
+    if "stages" in result:
+        lines += format_stages(result["stages"])
     return "\n".join(lines)
+
+
+def format_stages(stages: dict) -> list[str]:
+    """The lines of ``--stages``: each stage's microseconds per engine step, side by side."""
+    from verl_r3.integration.stage_times import STAGES
+
+    sides = list(stages)
+    lines = ["stages   microseconds per engine step in vLLM's processes, every round (warm-ups included), timers on "
+             "every side:", f"  {'':<12}{'':<52}" + "".join(f"{side:>10}" for side in sides)]
+    role = None
+    for key, (where, _module, _qualname, what) in STAGES.items():
+        figures = [stages[side].get(key) for side in sides]
+        if not any(figures):
+            continue
+        cells = "".join(f"{f['us_per_step']:10.1f}" if f and f["us_per_step"] is not None else f"{'-':>10}"
+                        for f in figures)
+        per_step = [f["calls_per_step"] for f in figures if f and f["calls_per_step"] is not None]
+        if key.endswith(".gc"):
+            calls = "  (" + " / ".join(str(f["calls"]) if f else "0" for f in figures) + " collections)"
+        else:
+            calls = f"  ({per_step[0]:.1f} calls per step)" if per_step and abs(per_step[0] - 1) > 0.05 else ""
+        lines.append(f"  {where if where != role else '':<12}{what:<52}{cells}{calls}")
+        role = where
+    return lines
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   starts. On the CPU platform it applies ``verl_r3.patches.vllm_cpu_capture_0_32`` (routing
   capture in the CPU model runner; inert unless ``enable_return_routed_experts`` is on) and,
   under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_weight_sync_0_32`` (weights
-  stay loadable so verl can sync them every step). On GPUs it does nothing: vLLM's native
-  capture is used there.
+  stay loadable so verl can sync them every step). With ``VERL_R3_STAGE_TIMES`` set (only
+  ``verl-r3 bench capture --stages`` sets it) it also installs ``stage_times``' timers. On
+  GPUs it does nothing: vLLM's native capture is used there.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
   They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
 
@@ -100,6 +101,10 @@ def plugin() -> None:
         logger.warning("verl_r3: routing capture on CPU is unavailable: %s", exc)
     if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
         vllm_cpu_weight_sync_0_32.apply()
+    if os.environ.get("VERL_R3_STAGE_TIMES"):
+        from verl_r3.integration import stage_times  # verl-r3 bench capture --stages
+
+        stage_times.install()
 
 
 def capture_path() -> tuple[str, str]:
