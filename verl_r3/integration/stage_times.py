@@ -65,9 +65,12 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
 #: The stage counted once per engine step in each process role.
 STEP_STAGES = {"worker": "worker.sample_tokens", "engine core": "core.update_from_output"}
 _STEP_KEYS = frozenset(STEP_STAGES.values())
+#: The garbage collector's entry of each role: the stages with no function to wrap.
+_GC_KEYS = {role: key for key, (role, module, _qualname, _what) in STAGES.items() if not module}
 
 _lock = threading.Lock()
 _figures: dict[str, list] = {}  # key -> [calls, seconds]
+_gc = [0, 0.0]  # collections and seconds since this process's first step, kept apart from _figures
 _state = {"folder": None, "last": 0.0, "gc_began": None}
 
 
@@ -77,17 +80,16 @@ def _role() -> str | None:
 
 
 def _gc_timer(phase: str, info: dict) -> None:
-    # Called by the collector around every collection, in whichever thread triggered it.
+    # Called by the collector around every collection, in whichever thread triggered it (a dump
+    # included): it only updates ``_gc`` in place, never ``_figures``.
     now = time.perf_counter()
     if phase == "start":
         _state["gc_began"] = now
     elif _state["gc_began"] is not None:
         began, _state["gc_began"] = _state["gc_began"], None
-        role = _role()
-        if role is not None:
-            entry = _figures.setdefault(f"{'core' if role == 'engine core' else role}.gc", [0, 0.0])
-            entry[0] += 1
-            entry[1] += now - began
+        if _role() is not None:
+            _gc[0] += 1
+            _gc[1] += now - began
 
 
 def _dump() -> None:
@@ -95,8 +97,11 @@ def _dump() -> None:
     if folder is None:
         return
     with _lock:
-        data = {"pid": os.getpid(), "process": multiprocessing.current_process().name,
-                "stages": {k: list(v) for k, v in _figures.items()}}
+        stages = {k: list(v) for k, v in _figures.items()}
+    role = _role()
+    if role is not None and _gc[0]:
+        stages[_GC_KEYS[role]] = list(_gc)
+    data = {"pid": os.getpid(), "process": multiprocessing.current_process().name, "stages": stages}
     path = Path(folder) / f"{os.getpid()}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data))
