@@ -127,6 +127,14 @@ def test_stage_timers_install_only_in_vllms_own_processes_and_read_sums_them(mon
     assert commit["us_per_step"] == pytest.approx(0.006 / 40 * 1e6) == commit["us_per_call"]
 
 
+def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_error(tmp_path):
+    from verl_r3.bench.capture import read_stages
+
+    (tmp_path / "plain").mkdir()  # the capturing engine's folder never made: no timers ran there
+    with pytest.raises(RuntimeError, match="wrote no stage times"):
+        read_stages(str(tmp_path), ["capture", "plain"])
+
+
 def test_bench_capture_stages_are_refused_outside_vllm(capsys):
     assert main(["bench", "capture", "--engine", "hf", "--stages"]) == 2
     assert "--stages is a vllm option" in capsys.readouterr().err

@@ -331,10 +331,21 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
                                   stages_dir=timers if stages else None)
         result = _summary(engine, runs, shape, machine)
         if stages:
-            from verl_r3.integration import stage_times
-
-            result["stages"] = {side: stage_times.read(os.path.join(timers, side)) for side in sides}
+            result["stages"] = read_stages(timers, sides)
     return result
+
+
+def read_stages(folder: str, sides: list[str]) -> dict:
+    """Each side's stage figures from ``folder/<side>``; an error when the capturing engine wrote none
+    (the timers come with verl_r3's vLLM plugin, which installs them on vLLM's CPU build only)."""
+    from verl_r3.integration import stage_times
+
+    out = {side: stage_times.read(os.path.join(folder, side)) for side in sides}
+    if not out["capture"]:
+        raise RuntimeError("--stages: the capturing engine's processes wrote no stage times; they are timed by "
+                           "verl_r3's vLLM plugin on vLLM's CPU build, with the vllm.general_plugins entry point "
+                           "installed (verl-r3 doctor shows both)")
+    return out
 
 
 def format_result(result: dict) -> str:
