@@ -151,7 +151,8 @@ def _timed(key: str, fn):
     return timed
 
 
-_wrapped: list[tuple[type, str, object]] = []  # (class, attribute, what the class itself held), while applied
+# (class, attribute, what the class itself held, the wrapper set there), while applied
+_wrapped: list[tuple[type, str, object, object]] = []
 
 
 def installed_vllm_version() -> str | None:
@@ -180,6 +181,8 @@ def apply() -> bool:
     check_version()
     Path(folder).mkdir(parents=True, exist_ok=True)
     _state["folder"] = folder
+    _figures.clear()
+    _gc[:] = [0, 0.0]
     timed = []
     for key, (_where, module_name, qualname, _what) in STAGES.items():
         if not module_name:
@@ -190,8 +193,9 @@ def apply() -> bool:
         if fn is None:
             logger.warning("%s: %s.%s is missing; stage %s is not timed", NAME, module_name, qualname, key)
             continue
-        _wrapped.append((cls, attr, vars(cls).get(attr)))
-        setattr(cls, attr, _timed(key, fn))
+        wrapper = _timed(key, fn)
+        _wrapped.append((cls, attr, vars(cls).get(attr), wrapper))
+        setattr(cls, attr, wrapper)
         timed.append(key)
     gc.callbacks.append(_gc_timer)
     atexit.register(_dump)
@@ -200,11 +204,15 @@ def apply() -> bool:
 
 
 def revert() -> bool:
-    """Undo apply() (the figures so far are written first). Returns True if this call changed anything."""
+    """Undo apply() (the figures so far are written first). A class attribute that no longer holds
+    this patch's wrapper (another patch reverted or replaced it since) is left as it is. Returns True
+    if this call changed anything."""
     if not is_applied():
         return False
     _dump()
-    for cls, attr, own in reversed(_wrapped):
+    for cls, attr, own, wrapper in reversed(_wrapped):
+        if vars(cls).get(attr) is not wrapper:
+            continue
         if own is None:
             delattr(cls, attr)
         else:

@@ -146,6 +146,9 @@ def test_stage_timers_wrap_every_stage_count_its_calls_and_revert_exactly(monkey
             cls = getattr(importlib.import_module(module), cls_name)
             targets[key] = (cls, attr, vars(cls).get(attr), getattr(cls, attr))
     assert set(targets) == {k for k in stage_times.STAGES if not k.endswith(".gc")}
+    # Another patch replacing a wrapped function meanwhile keeps its replacement on revert.
+    scheduler, schedule, original, _ = targets["core.schedule"]
+    replacement = lambda self, *a, **k: None  # noqa: E731
     try:
         assert stage_times.apply() is True and stage_times.is_applied() and stage_times.apply() is False
         assert all(getattr(cls, attr) is not fn for cls, attr, _own, fn in targets.values())
@@ -153,8 +156,13 @@ def test_stage_timers_wrap_every_stage_count_its_calls_and_revert_exactly(monkey
         from vllm.v1.serial_utils import MsgpackEncoder
 
         MsgpackEncoder().encode_into({"a": 1}, bytearray())
+        setattr(scheduler, schedule, replacement)
     finally:
         assert stage_times.revert() is True
+        kept = vars(scheduler)[schedule]
+        setattr(scheduler, schedule, original)
+    assert kept is replacement
+    del targets["core.schedule"]
     assert not stage_times.is_applied() and stage_times.revert() is False
     assert all(vars(cls).get(attr) is own and getattr(cls, attr) is fn for cls, attr, own, fn in targets.values())
     assert stage_times._gc_timer not in gc.callbacks
