@@ -91,7 +91,7 @@ def plugin() -> None:
 
     if not current_platform.is_cpu():
         return  # GPUs: vLLM's native routing capture
-    from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_weight_sync_0_32
+    from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_stage_timers_0_32, vllm_cpu_weight_sync_0_32
 
     try:
         vllm_cpu_capture_0_32.apply()
@@ -101,10 +101,7 @@ def plugin() -> None:
         logger.warning("verl_r3: routing capture on CPU is unavailable: %s", exc)
     if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":
         vllm_cpu_weight_sync_0_32.apply()
-    if os.environ.get("VERL_R3_STAGE_TIMES"):  # verl-r3 bench capture --stages
-        from verl_r3.patches import vllm_cpu_stage_timers_0_32
-
-        vllm_cpu_stage_timers_0_32.apply()
+    vllm_cpu_stage_timers_0_32.apply()  # a no-op unless verl-r3 bench capture --stages set its variable
 
 
 def capture_path() -> tuple[str, str]:
