@@ -10,7 +10,7 @@ What it patches
       Model Runner V2 does: the connector binds its capturer to every MoE router, starts each
       step with the scheduler's metadata, snapshots the step's routing after the forward and
       hands its per-request rows to the ``ModelRunnerOutput``.
-    - Three parts of that path are the patch's own:
+    - Four parts of that path are the patch's own:
       - without data parallelism the routers' capture callback is rebound to ``StepCapturer``,
         which keeps each layer's ids as one narrowed tensor and stacks them once per step,
         instead of vLLM's per-layer slice write into an int32 ``[tokens, layers, top_k]`` buffer;
@@ -19,6 +19,10 @@ What it patches
         assignment, and every other request (prefill, first or resumed steps, prefix-cache
         hits, a token that completes a block) goes through the connector's own
         ``_commit_output``;
+      - ``StepCommit.begin`` starts each step in the connector: when every request of the step
+        already has its state and none finishes, only the step's block hashes go through the
+        connector's ``begin_step`` (its walk over the requests would create nothing), otherwise
+        the whole metadata does;
       - the step's per-request rows travel from the worker process to the engine core as one
         ``StepRouting`` (one array, pickled once) instead of a dict of small arrays.
 
@@ -173,12 +177,48 @@ class StepCommit:
     cursors advanced as vLLM would. Every other request (prefill chunks, a first or resumed
     step, a prefix-cache hit, a token that completes a block) goes through vLLM's own
     ``_commit_output``, which stages, keys and publishes blocks. Both kinds of outputs leave in
-    one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths."""
+    one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths.
+
+    ``begin`` starts each step in the connector (see there); ``begin_fast`` and ``begin_full``
+    count its two paths."""
 
     def __init__(self, connector) -> None:
         self.connector = connector
         self.fast_rows = 0
         self.full_requests = 0
+        self.begin_fast = 0
+        self.begin_full = 0
+
+    def begin(self, metadata) -> None:
+        """The connector's ``begin_step(metadata)``, without its walk over the step's requests when
+        that walk has nothing to do.
+
+        vLLM's ``begin_step`` walks every scheduled request to create the state of a new one (it
+        builds a fresh state object per request and step to do so) and to check its emit cursor,
+        then adds the step's block hashes, then finishes requests. When the generation is unchanged,
+        no request finishes, and every request the metadata names already has a state, the walk
+        creates nothing: then only the block hashes go through ``begin_step`` (as metadata naming no
+        request), the cursors are checked here, and the metadata is kept as the step's. Every other
+        step goes through ``begin_step`` whole."""
+        connector = self.connector
+        states = connector._requests
+        if (metadata is None or connector._buffer is None or metadata.finished_requests
+                or metadata.generation != connector._generation
+                or not metadata.requests.keys() <= states.keys()
+                or not metadata.block_hashes.keys() <= states.keys()):
+            self.begin_full += 1
+            connector.begin_step(metadata)
+            return
+        for request_id, emit_start in metadata.requests.items():
+            state = states[request_id]
+            if state.pending_outputs == 0 and emit_start > state.emit_cursor:
+                raise RuntimeError(f"{NAME}: request {request_id}: the scheduler starts its routing at token "
+                                   f"{emit_start}, past the {state.emit_cursor} tokens the worker has emitted")
+        self.begin_fast += 1
+        if metadata.block_hashes:
+            connector.begin_step(type(metadata)(generation=metadata.generation, requests={},
+                                                block_hashes=metadata.block_hashes, finished_requests=()))
+        connector._step_metadata = metadata
 
     def __call__(self, request_ids: list, token_starts, query_start_loc, rows, sampled) -> StepRouting:
         connector = self.connector
@@ -204,7 +244,9 @@ class StepCommit:
             full.append(i)
         parts = []
         if fast_src:
-            fast_rows = rows[fast_src]
+            # Every row of the step is a fast request's one row, in order (a plain decode step): no gather.
+            # ``rows`` is the step's own array (both capturers' snapshots are new), safe to hand out.
+            fast_rows = rows if len(fast_src) == len(rows) else rows[fast_src]
             buffer._rows[fast_slots, fast_offsets] = fast_rows
             parts.append(fast_rows)
         full_outputs = {}
@@ -227,7 +269,7 @@ class StepCommit:
             out_bounds.append(out_bounds[-1] + len(o.rows))
         out_starts = fast_starts + [int(o.token_start) for o in full_outputs.values()]
         return StepRouting(tuple(fast_ids) + tuple(full_outputs), out_starts, out_bounds,
-                           np.concatenate(parts) if parts else None)
+                           (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None)
 
 
 def installed_vllm_version() -> str | None:
@@ -304,7 +346,7 @@ def _execute_model(self, scheduler_output, *args, **kwargs):
     connector = _connector(self)
     if connector is None:
         return _originals["CPUModelRunner.execute_model"](self, scheduler_output, *args, **kwargs)
-    connector.begin_step(scheduler_output.aux_output_connector_metadata)
+    self._verl_r3_commit.begin(scheduler_output.aux_output_connector_metadata)
     self._verl_r3_pending = None
     result = _originals["CPUModelRunner.execute_model"](self, scheduler_output, *args, **kwargs)
     if (result is None and self.execute_model_state is not None and connector._buffer is not None

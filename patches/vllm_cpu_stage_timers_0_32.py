@@ -4,8 +4,8 @@ What it patches
     Each function in ``STAGES``, on its class, is replaced by a wrapper that counts its calls and
     their seconds, then calls it: in the worker, ``CPUModelRunner.execute_model`` and
     ``.sample_tokens``, ``vllm_cpu_capture_0_32``'s ``StepCapturer.capture``,
-    ``.snapshot_routing_data`` and ``StepCommit.__call__``, vLLM's
-    ``AuxOutputWorkerConnector.begin_step`` and ``BlockObjectStore.put``; in the engine core,
+    ``.snapshot_routing_data``, ``StepCommit.begin`` and ``StepCommit.__call__``, vLLM's
+    ``BlockObjectStore.put``; in the engine core,
     ``Scheduler.schedule`` and ``.update_from_output``, ``AuxOutputSchedulerConnector.build_connector_meta``
     and ``.take_output``, and ``MsgpackEncoder.encode_into``. A ``gc.callbacks`` entry times the
     garbage collector. Each process writes its figures to ``<folder>/<pid>.json`` at the end of a
@@ -68,8 +68,7 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
                              "sampling (and routing commit when capturing)"),
     "worker.capture": ("worker", _PATCH, "StepCapturer.capture", "routers' capture calls"),
     "worker.snapshot": ("worker", _PATCH, "StepCapturer.snapshot_routing_data", "stacking the step's rows"),
-    "worker.begin_step": ("worker", f"{_CONNECTOR}.worker", "AuxOutputWorkerConnector.begin_step",
-                          "vLLM's worker connector: the step's metadata"),
+    "worker.begin_step": ("worker", _PATCH, "StepCommit.begin", "StepCommit.begin: the step's metadata"),
     "worker.commit": ("worker", _PATCH, "StepCommit.__call__", "StepCommit: rows into blocks and outputs"),
     "worker.store_put": ("worker", f"{_CONNECTOR}.store", "BlockObjectStore.put",
                          "vLLM's routing store: block writes (writer thread)"),
@@ -87,6 +86,14 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
                     "serializing outputs to the front end (output thread)"),
     "core.gc": ("engine core", "", "", "Python's garbage collector"),
 }
+#: The routing stages on an engine step's path: each runs inside one of ``STEP_PARTS`` and the step
+#: waits for it (not the routing store's writer thread nor the engine core's output thread, which
+#: run beside the step).
+ROUTING_STAGES = ("worker.capture", "worker.snapshot", "worker.begin_step", "worker.commit",
+                  "core.build_connector_meta", "core.take_output")
+#: The stages an engine step is made of, in turn: the worker's forward and sampling, the engine
+#: core's scheduling and its taking of the outputs.
+STEP_PARTS = ("worker.execute_model", "worker.sample_tokens", "core.schedule", "core.update_from_output")
 #: The stage counted once per engine step in each process role.
 STEP_STAGES = {"worker": "worker.sample_tokens", "engine core": "core.update_from_output"}
 _STEP_KEYS = frozenset(STEP_STAGES.values())

@@ -60,10 +60,12 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
     result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + extra)
     if engine == "vllm":
         check_stages(result["stages"], layers=2, prompts=4)
+        check_stage_share(result["stages"], result["stages_share"])
         from verl_r3.bench.capture import format_result
 
         table = format_result(result)
         assert "StepCommit: rows into blocks and outputs" in table and "(2.0 calls per step)" in table
+        assert f"by the stages alone the ratio would be {result['stages_share']['stages_ratio']:.4f}" in table
         # Both engine starts: the front end (this process) and the engine cores on the CPUs vLLM's workers
         # left free, and this process back on all of its CPUs afterwards.
         where = result["machine"]["placement"]
@@ -109,6 +111,43 @@ def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
     for side in (capture, plain):
         for key, f in side.items():
             assert f["calls"] > 0 and f["seconds"] > 0 and f["us_per_step"] > 0, (key, f)
+
+
+def check_stage_share(stages: dict, share: dict) -> None:
+    """The summary line of ``--stages`` adds up the capturing engine's routing stages, worker and
+    engine core apart, against the plain engine's whole step."""
+    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import ROUTING_STAGES
+
+    capture, plain = stages["capture"], stages["plain"]
+    in_worker = ("worker.capture", "worker.snapshot", "worker.begin_step", "worker.commit")
+    in_core = ("core.build_connector_meta", "core.take_output")
+    assert set(ROUTING_STAGES) == set(in_worker + in_core)  # the routing stages the step waits for, all of them
+    worker = sum(capture[k]["us_per_step"] for k in in_worker)
+    core = sum(capture[k]["us_per_step"] for k in in_core)
+    step = sum(plain[k]["us_per_step"] for k in ("worker.execute_model", "worker.sample_tokens", "core.schedule",
+                                                 "core.update_from_output"))
+    assert share["worker_us"] == pytest.approx(worker) and share["core_us"] == pytest.approx(core)
+    assert share["routing_us"] == pytest.approx(worker + core) and share["plain_step_us"] == pytest.approx(step)
+    assert share["share"] == pytest.approx((worker + core) / step)
+    assert share["stages_ratio"] == pytest.approx(step / (step + worker + core)) and 0 < share["stages_ratio"] < 1
+
+
+def test_stage_share_weighs_routing_stages_against_the_plain_step_and_needs_that_step():
+    from verl_r3.bench.capture import stage_share
+
+    def fig(us):
+        return {"calls": 10, "seconds": us * 1e-5, "us_per_call": us, "us_per_step": us, "calls_per_step": 1.0}
+
+    plain = {k: fig(us) for k, us in (("worker.execute_model", 700.0), ("worker.sample_tokens", 100.0),
+                                        ("core.schedule", 120.0), ("core.update_from_output", 80.0))}
+    capture = dict(plain, **{"worker.commit": fig(30.0), "core.take_output": fig(20.0),
+                             "core.encode": fig(500.0), "worker.store_put": fig(400.0)})  # beside the step: left out
+    share = stage_share({"capture": capture, "plain": plain})
+    assert share == {"routing_us": 50.0, "worker_us": 30.0, "core_us": 20.0, "plain_step_us": 1000.0,
+                     "share": 0.05, "stages_ratio": pytest.approx(1000 / 1050)}
+    del plain["core.schedule"]
+    with pytest.raises(RuntimeError, match="plain engine's processes timed no core.schedule"):
+        stage_share({"capture": capture, "plain": plain})
 
 
 def test_stage_timers_apply_only_in_vllms_own_processes_and_read_sums_them(monkeypatch, tmp_path):

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "are pinned to the CPUs vLLM reserves for them, off its workers' cores)")
     capture.add_argument("--stages", action="store_true",
                          help="vllm: also time each routing stage inside the engines' own processes and print its "
-                              "microseconds per engine step, every side beside the others")
+                              "microseconds per engine step, every side beside the others, and what the routing "
+                              "stages weigh against the plain engine's step")
     capture.set_defaults(func=_bench_capture)
 
     commit = benches.add_parser(

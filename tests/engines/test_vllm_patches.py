@@ -280,11 +280,43 @@ def _row(tokens: list[int], position: int):
     return (np.frombuffer(digest[:LAYERS * TOP_K], dtype=np.uint8) % EXPERTS).reshape(LAYERS, TOP_K)
 
 
+def _request_states(connector) -> dict:
+    """What the worker connector holds of each request after a step has begun."""
+    return {rid: (list(s.aux_output_keys), [(start, rows.tobytes()) for start, rows in s.pending_blocks],
+                  s.capture_cursor, s.scheduled_cursor, s.emit_cursor, s.pending_outputs, s.finished)
+            for rid, s in connector._requests.items()}
+
+
+def test_step_commit_begin_refuses_a_scheduler_start_past_what_the_worker_emitted():
+    """The check vLLM's begin_step makes of each settled request is made on the short path too."""
+    from vllm.distributed.aux_output_connector.connector import AuxOutputConnectorMetadata
+
+    from verl_r3.bench.vllm_commit import worker_connector
+    from verl_r3.patches.vllm_cpu_capture_0_32 import StepCommit
+
+    connector = worker_connector(block_size=BLOCK, layers=LAYERS, top_k=TOP_K, max_num_seqs=4,
+                                 max_num_batched_tokens=64, store_bytes=1 << 20)
+    try:
+        commit = StepCommit(connector)
+        commit.begin(AuxOutputConnectorMetadata(0, {"a": 0, "b": 0}, {}, ()))  # new requests: vLLM's walk
+        assert (commit.begin_full, commit.begin_fast) == (1, 0) and connector._requests.keys() == {"a", "b"}
+        commit.begin(AuxOutputConnectorMetadata(0, {"a": 0, "b": 0}, {}, ()))
+        assert (commit.begin_full, commit.begin_fast) == (1, 1)
+        with pytest.raises(RuntimeError, match="request b: the scheduler starts its routing at token 3, past the 0"):
+            commit.begin(AuxOutputConnectorMetadata(0, {"a": 0, "b": 3}, {}, ()))
+        commit.begin(AuxOutputConnectorMetadata(0, {"a": 0}, {}, ("b",)))  # a request finishes: vLLM's walk
+        assert (commit.begin_full, commit.begin_fast) == (2, 1) and connector._requests.keys() == {"a"}
+    finally:
+        connector._store.close()
+
+
 def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_preemption_and_prefix_hits():
     """Two copies of vLLM's worker-side connector follow one simulated scheduler (vLLM's own
     scheduler-side connector builds every step's metadata): one commits each step through vLLM's
     prepare_output and process_output, the other through StepCommit. Every step's outputs must be
-    identical, so must every block either side stored, and every request's routing, gathered as
+    identical, so must every request's state in the connector once a step has begun (vLLM's
+    begin_step on one side, StepCommit.begin on the other), every block either side stored, and every
+    request's routing, gathered as
     vLLM's scheduler takes it, must equal the rows of its tokens: chunked prefill, preemption,
     prefix-cache hits on prompts and on decoded blocks (a next turn of a finished request)."""
     import random
@@ -313,7 +345,7 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
     scheduler, vllm_side, ours = AuxOutputSchedulerConnector(), worker_connector(**kw), worker_connector(**kw)
     commit = StepCommit(ours)
     requests, running, computed_blocks, taken, turns = {}, [], set(), {}, []
-    hits = preempted = steps = 0
+    hits = preempted = steps = fast_with_hashes = 0
     while waiting or running:
         steps += 1
         assert steps < 2000
@@ -342,7 +374,10 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
                 budget -= n
         meta = scheduler.build_connector_meta(SimpleNamespace(num_scheduled_tokens=scheduled), requests)
         vllm_side.begin_step(meta)
-        ours.begin_step(meta)
+        fast = commit.begin_fast
+        commit.begin(meta)
+        fast_with_hashes += commit.begin_fast > fast and bool(meta.block_hashes)
+        assert _request_states(ours) == _request_states(vllm_side), steps
         if not scheduled:
             continue
         ids = list(scheduled)
@@ -380,6 +415,8 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
     assert hits >= 3 and preempted >= 3 and len(turns) >= 10
     assert sum(t.hit > t.decoded_before + BLOCK for t in turns) >= 5  # decoded blocks came back from the store
     assert commit.fast_rows > 100 and commit.full_requests > 50
+    # Steps that only continue requests begin without vLLM's request walk, with and without block hashes.
+    assert commit.begin_fast >= 30 and fast_with_hashes >= 10 and commit.begin_full >= 100
     for rid, req in requests.items():
         expected = np.stack([_row(req.tokens, p) for p in range(req.num_tokens - 1)])
         assert np.array_equal(np.concatenate(taken[rid]), expected), rid

@@ -297,7 +297,9 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     """Measure ``engine`` and return the result dict (see the module docstring). ``pin`` (vllm only,
     default on) puts the front end and engine cores on the CPUs vLLM reserved for them. ``stages``
     (vllm only) also times the routing stages inside each engine's processes: the result's ``stages``
-    holds, per side, ``verl_r3.patches.vllm_cpu_stage_timers_0_32.read`` of its engines."""
+    holds, per side, ``verl_r3.patches.vllm_cpu_stage_timers_0_32.read`` of its engines, and
+    ``stages_share`` what the capturing engine's routing stages weigh against the plain engine's
+    step (``stage_share``)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if pin is not None and engine != "vllm":
@@ -332,6 +334,7 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         result = _summary(engine, runs, shape, machine)
         if stages:
             result["stages"] = read_stages(timers, sides)
+            result["stages_share"] = stage_share(result["stages"])
     return result
 
 
@@ -346,6 +349,32 @@ def read_stages(folder: str, sides: list[str]) -> dict:
                            "verl_r3's vLLM plugin on vLLM's CPU build, with the vllm.general_plugins entry point "
                            "installed (verl-r3 doctor shows both)")
     return out
+
+
+def stage_share(stages: dict) -> dict:
+    """What the capturing engine's timed routing stages weigh against the plain engine's step.
+
+    ``routing_us``: the capturing engine's ``ROUTING_STAGES`` per step (``worker_us`` and
+    ``core_us`` its two processes' parts); ``plain_step_us``: the plain engine's ``STEP_PARTS`` per
+    step; ``share = routing_us / plain_step_us``; ``stages_ratio = plain_step_us / (plain_step_us +
+    routing_us)``, the throughput ratio if capture cost nothing but those stages. It measures the
+    routing stages apart from the spread between engines that ``ratio`` also holds, and leaves out
+    what the stages do not time (the output thread, the front end, caches)."""
+    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import ROUTING_STAGES, STAGES, STEP_PARTS
+
+    capture, plain = stages["capture"], stages["plain"]
+    missing = [key for key in STEP_PARTS if (plain.get(key) or {}).get("us_per_step") is None]
+    if missing:
+        raise RuntimeError(f"--stages: the plain engine's processes timed no {', '.join(missing)}; "
+                           "its step cannot be measured")
+    per_role = {"worker": 0.0, "engine core": 0.0}
+    for key in ROUTING_STAGES:
+        if (capture.get(key) or {}).get("us_per_step") is not None:
+            per_role[STAGES[key][0]] += capture[key]["us_per_step"]
+    routing = per_role["worker"] + per_role["engine core"]
+    step = sum(plain[key]["us_per_step"] for key in STEP_PARTS)
+    return {"routing_us": routing, "worker_us": per_role["worker"], "core_us": per_role["engine core"],
+            "plain_step_us": step, "share": routing / step, "stages_ratio": step / (step + routing)}
 
 
 def format_result(result: dict) -> str:
@@ -378,6 +407,13 @@ def format_result(result: dict) -> str:
                      "apart identical sides land on this machine)")
     if "stages" in result:
         lines += format_stages(result["stages"])
+    if "stages_share" in result:
+        f = result["stages_share"]
+        lines += [f"routing  {f['routing_us']:.0f} microseconds per step in the capturing engine's routing stages "
+                  f"(worker {f['worker_us']:.0f}, engine core {f['core_us']:.0f}),",
+                  f"         {f['share']:.1%} of the plain engine's step ({f['plain_step_us']:.0f}: forward, sampling, "
+                  "scheduling, taking outputs);",
+                  f"         by the stages alone the ratio would be {f['stages_ratio']:.4f}"]
     return "\n".join(lines)
 
 

@@ -10,11 +10,12 @@ figure is the commit's own and not the host's scheduling of vLLM's processes.
 Two copies of the connector (vLLM's classes: request state, open-block buffer, block store)
 follow one simulated schedule, whose step metadata vLLM's scheduler-side connector builds:
 ``requests`` requests of ``prompt_len`` tokens prefilled in one step, then decoded one token a
-step for ``new_tokens`` steps. One copy commits each step through vLLM's path, the other
-through ``StepCommit``; both get the same rows, and their outputs are compared every step.
-The time of ``begin_step`` and the commit is summed over the decode steps; which side goes
-first alternates step by step. Each repeat is a new schedule; the result gives the medians over
-the repeats in microseconds per decode step and ``ratio = step_commit / vllm``.
+step for ``new_tokens`` steps. One copy commits each step through vLLM's path, the other through
+``StepCommit``; both get the same rows, and their outputs are compared every step. The time of
+starting the step (vLLM's ``begin_step``; ``StepCommit.begin``) and of the commit is summed over
+the decode steps; which side goes first alternates step by step. Each repeat is a new schedule;
+the result gives the medians over the repeats in microseconds per decode step and ``ratio =
+step_commit / vllm``.
 """
 
 from __future__ import annotations
@@ -134,10 +135,11 @@ def _one(seed: int, requests: int, prompt_len: int, new_tokens: int, layers: int
             outputs = {}
             for side in (SIDES if (seed + step) % 2 == 0 else reversed(SIDES)):
                 began = time.perf_counter()
-                connectors[side].begin_step(meta)
                 if side == "vllm":
+                    connectors[side].begin_step(meta)
                     outputs[side] = vllm_commit(connectors[side], ids, starts, bounds, rows, sampled)
                 else:
+                    commit.begin(meta)
                     outputs[side] = commit(ids, starts, bounds, rows, sampled)
                 if step:  # decode steps only; the first is every prompt's prefill
                     spent[side] += time.perf_counter() - began
@@ -193,7 +195,7 @@ def format_result(result: dict) -> str:
         f"{s['layers']} layers, top-{s['top_k']}, {s['block_size']}-token blocks",
         "machine  " + ", ".join(f"{k} {v}" for k, v in m.items()),
         f"repeats  {result['repeats']} (+1 warm-up), sides alternating; median microseconds per decode step "
-        "(begin_step + commit):",
+        "(starting the step + commit):",
     ]
     for side in SIDES:
         runs = ", ".join(f"{x:.1f}" for x in result[f"{side}_runs"])
