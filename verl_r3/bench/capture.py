@@ -23,6 +23,12 @@ worker's cores; by default the benchmark pins them (this process and the engine 
 reserved cores after each start, the same for every side (``--no-pin`` leaves them to the OS).
 The result's ``machine.placement`` says where they ran.
 
+``--stages`` (vllm) also times each routing stage inside the engines' own processes
+(``verl_r3.patches.vllm_cpu_stage_timers_0_32``, applied by verl_r3's vLLM plugin when the
+benchmark sets ``VERL_R3_STAGE_TIMES``): the result's ``stages`` gives every side's microseconds
+per engine step, and ``stages_share`` what the capturing engine's routing stages weigh against the
+plain engine's step, with the ratio they alone would give (``stage_share``).
+
 - ``hf``: ``verl_r3.integration.hf_rollout.HFGenerator`` in this process (``capture_routing``).
 - ``vllm``: two ``AsyncLLM`` engines in this environment (``verl_r3.engines.vllm_engine``);
   ``enable_return_routed_experts`` on one (on CPU through ``vllm_cpu_capture_0_32``).
