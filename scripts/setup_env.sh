@@ -22,7 +22,8 @@ pip uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
 #    transformers held where they are.
 pip install --no-deps verl==0.9.1
 echo "note: pip reports verl's transformers<5.11 requirement as a conflict next; that is expected (README, Environment)"
-pip install -r requirements/verl-cpu.txt -r requirements/dev.txt -r requirements/recipes.txt "${LOCK[@]}"
+pip install -r requirements/verl-cpu.txt -r requirements/dev.txt -r requirements/test-main.txt -r requirements/recipes.txt \
+    "${LOCK[@]}"
 # 4. verl_r3 itself, editable.
 pip install --no-deps -e .
 "$VENV/bin/python" - <<'PY'

@@ -55,6 +55,7 @@ def test_memory_cli_paper_shape(capsys):
     assert exit_.value.code == 2 and "--dp: must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_e2e_runs_both_sides_and_reports_verls_step_timings(tmp_path, capsys):
     assert main(["bench", "e2e", "--json", "--runs", "1", "--steps", "2", "--skip", "1", "--prompts", "4",
                  "--samples", "2", "--engine", "hf", "--out", str(tmp_path), "--timeout", "420",

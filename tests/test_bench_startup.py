@@ -11,6 +11,7 @@ pytest.importorskip("verl")
 from verl_r3.cli import main  # noqa: E402
 
 
+@pytest.mark.slow
 def test_startup_bench_imports_both_sides_and_activation_loads_no_engine(capsys):
     assert main(["bench", "startup", "--json", "--repeats", "1", "--cpu-platform"]) == 0
     r = json.loads(capsys.readouterr().out)

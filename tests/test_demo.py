@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from verl_r3 import demo
 
 
+@pytest.mark.slow
 def test_demo_alias_runs_the_diagnose_demo(tmp_path, capsys):
     assert demo.main(argparse.Namespace(quick=True, seed=0, out=str(tmp_path))) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())

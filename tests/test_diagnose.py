@@ -74,6 +74,7 @@ def demo_run(tmp_path_factory):
     return out, proc.stdout, json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_demo_shows_r3_removing_routing_mismatch(demo_run):
     out, stdout, metrics = demo_run
     setup = metrics["setup"]
@@ -186,6 +187,7 @@ def test_command_line_reports_errors_with_exit_code_2(tmp_path, capsys):
     assert "invalid choice: 'trtllm'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_vllm_rollout_on_the_demo_model(demo_run, tmp_path):
     pytest.importorskip("vllm")
     model = demo_run[0] / "model"
@@ -214,6 +216,7 @@ def sglang_python() -> str:
     return str(Path(done.stdout.strip().splitlines()[-1]) / "bin" / "python")
 
 
+@pytest.mark.slow
 def test_sglang_rollout_on_the_demo_model(demo_run, tmp_path):
     model = demo_run[0] / "model"
     proc = run_module(["--model", str(model), "--engine", "sglang", "--num-prompts", "24", "--samples", "2",

@@ -46,7 +46,8 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
     assert "vllm   unsupported" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True), ("vllm", 2, False)])
+@pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True),
+                                                   pytest.param("vllm", 2, False, marks=pytest.mark.slow)])
 def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine, rounds, control):
     """vLLM: 2 rounds, one per engine start order (4 engine starts), with --stages (timers inside the
     engines' processes; see ``check_stages``). --control adds a second instance without capture, one

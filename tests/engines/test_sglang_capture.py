@@ -135,6 +135,7 @@ def assert_routing_matches(sample: dict, reference, who: str) -> None:
     )
 
 
+@pytest.mark.slow
 def test_patch_applies_reverts_and_never_leaves_a_vllm_module_behind(result):
     p = result["patch"]
     assert p["vllm_installed"] is False
@@ -150,6 +151,7 @@ def test_patch_applies_reverts_and_never_leaves_a_vllm_module_behind(result):
     assert p["after_rotary_error"] and "vllm" in p["after_rotary_error"]
 
 
+@pytest.mark.slow
 def test_weight_sync_patch_lets_cpu_tensors_through_sglangs_reducer(result):
     w = result["weight_sync"]
     assert w["before"].startswith("IndexError")  # SGLang's CUDA-only reducer patch, unpatched
@@ -159,6 +161,7 @@ def test_weight_sync_patch_lets_cpu_tensors_through_sglangs_reducer(result):
     assert w["after"].startswith("IndexError") and w["strategy_after"] == "file_descriptor"
 
 
+@pytest.mark.slow
 def test_verl_server_patch_against_sglang_0_5_23(result):
     v = result["verl_server"]
     assert "abstract" in v["adapter_before"] and "begin_weight_update" in v["adapter_before"]
@@ -169,6 +172,7 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
     assert "abstract" in v["adapter_after"]
 
 
+@pytest.mark.slow
 def test_concurrent_sampled_requests_return_the_reference_routing(result, spec, reference):
     batch = result["capture"]["batch"]
     n = spec["n"]
@@ -186,6 +190,7 @@ def test_concurrent_sampled_requests_return_the_reference_routing(result, spec, 
     assert any(batch[n * i]["output_ids"] != batch[n * i + 1]["output_ids"] for i in range(len(spec["prompts"])))
 
 
+@pytest.mark.slow
 def test_a_prefix_served_from_the_radix_cache_keeps_its_routing(result, spec, reference):
     first, second = result["capture"]["prefix"]
     assert first["cached_tokens"] == 0
@@ -194,6 +199,7 @@ def test_a_prefix_served_from_the_radix_cache_keeps_its_routing(result, spec, re
         assert_routing_matches(sample, reference, f"prefix request {k}")
 
 
+@pytest.mark.slow
 def test_retracted_requests_keep_their_routing(result, spec, reference):
     batch = result["capture"]["batch"]
     retracted = [j for j, s in enumerate(batch) if s["num_retractions"] > 0]

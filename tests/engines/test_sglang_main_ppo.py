@@ -37,6 +37,7 @@ def sglang_python():
     return os.path.join(proc.stdout.strip(), "bin", "python")
 
 
+@pytest.mark.slow
 def test_r3_through_verls_sglang_server(sglang_python, tmp_path):
     model.build_model_dir(tmp_path / "model", warm_start_steps=0, log=None)
     train, val = data.write_parquet(tmp_path / "data", train_size=64, test_size=8, seed=0)

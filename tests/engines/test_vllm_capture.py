@@ -65,6 +65,7 @@ def capture_run():
     return result, cfg, model, RouterReplay(model)
 
 
+@pytest.mark.slow
 def test_routing_equals_a_transformers_recomputation_for_every_router(capture_run):
     result, cfg, model, rr = capture_run
     moe = sorted(rr.moe_layers)
@@ -89,6 +90,7 @@ def test_routing_equals_a_transformers_recomputation_for_every_router(capture_ru
     assert expected > 2000 and compared == expected and matched == compared
 
 
+@pytest.mark.slow
 def test_the_run_covered_preemption_prefix_hits_chunked_prefill_n2_and_aborts(capture_run):
     result, _, _, _ = capture_run
     wave1, wave2 = result["waves"]

@@ -60,6 +60,7 @@ def _series(result: dict, key: str) -> list:
     return [step["data"].get(key) for step in result["metrics"]]
 
 
+@pytest.mark.slow
 def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
     r = _run(setup, "grpo_r3", "r3")
     assert [step["step"] for step in r["metrics"]] == [1, 2]
@@ -99,6 +100,7 @@ def test_r3_replays_the_rollout_routing_on_every_response_token(setup):
     assert all(c > 0.9 for c in _series(r, "training/rollout_actor_probs_pearson_corr"))
 
 
+@pytest.mark.slow
 def test_r2_replays_the_routing_recorded_in_compute_log_prob(setup):
     r = _run(setup, "grpo_r2", "r2", engine="hf")
     assert _series(r, "r3/replay_active_frac") == [1.0, 1.0]

@@ -262,6 +262,7 @@ def _routed(output) -> np.ndarray:
     return routed[: n - 1]
 
 
+@pytest.mark.slow
 def test_every_turn_keeps_the_routing_it_was_generated_with(routed_runs):
     result = routed_runs["stitched"]
     assert len(result["outputs"]) == 2
@@ -284,6 +285,7 @@ def test_every_turn_keeps_the_routing_it_was_generated_with(routed_runs):
         assert len(differing) >= len(generated) // 4, (len(differing), len(generated))
 
 
+@pytest.mark.slow
 def test_without_the_patch_verl_keeps_only_the_last_turns_prefill_routing(routed_runs):
     result = routed_runs["unpatched"]
     (output,) = result["outputs"]
@@ -294,6 +296,7 @@ def test_without_the_patch_verl_keeps_only_the_last_turns_prefill_routing(routed
     assert not np.array_equal(routed, _expected(turns))  # what the patched loop returns is different
 
 
+@pytest.mark.slow
 def test_a_resumed_partial_turn_adds_no_prefix_twice(routed_runs):
     result = routed_runs["resumed"]
     (output,) = result["outputs"]
@@ -312,6 +315,7 @@ def test_a_resumed_partial_turn_adds_no_prefix_twice(routed_runs):
     np.testing.assert_array_equal(routed, _expected(attempts))
 
 
+@pytest.mark.slow
 def test_without_routing_the_loop_behaves_as_verls(unrouted_runs):
     patched, unpatched = unrouted_runs["patched"]["outputs"], unrouted_runs["unpatched"]["outputs"]
     assert all(o["routed"] is None for o in patched + unpatched)

@@ -196,6 +196,7 @@ def _fresh_model(config):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+@pytest.mark.slow
 def test_warm_start_learns_some_arithmetic(tokenizer):
     # A quarter of the default budget: the answer loss falls well below the untrained model's and
     # some held-out problems come out right (the full warm start reaches 25-60%, too slow here).

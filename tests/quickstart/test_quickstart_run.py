@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VARIANTS = ["gspo_r3"]
 
 
+@pytest.mark.slow
 def test_quickstart_script_writes_summary_report_and_curves(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, QUICK="1", WARM_START_STEPS="100", OUT=str(tmp_path / "runs"),
                WANDB_MODE="offline", VARIANTS=",".join(VARIANTS))

@@ -53,6 +53,7 @@ def _check_variant(cfg, variant: str, backend: str) -> None:
 
 @pytest.mark.parametrize("recipe", NAMES)
 @pytest.mark.parametrize("backend", ["fsdp", "megatron"])
+@pytest.mark.slow
 def test_every_script_composes_with_its_variant(recipe, backend, tmp_path):
     cases = [(model, variant) for model in MODELS for variant in VARIANTS]
     # The scripts' DRY_RUN subprocesses run side by side; Hydra composes in this process, one at a time.

@@ -73,6 +73,7 @@ def _smoke(recipe: str, model: str, variant: str, engine: str, smoke_dir, out) -
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 240)
 @pytest.mark.parametrize("recipe, model, variant, engine", RUNS, ids=["-".join(r) for r in RUNS])
+@pytest.mark.slow
 def test_recipe_script_smoke_runs(recipe, model, variant, engine, smoke_dirs, tmp_path):
     metrics, dumps, log = _smoke(recipe, model, variant, engine, smoke_dirs[recipe], tmp_path)
     assert [m["step"] for m in metrics] == [1, 2], log[-3000:]

@@ -67,6 +67,7 @@ def _rows_of_steps(first: int, last: int) -> collections.Counter:
     return collections.Counter(i for i in range((first - 1) * PROMPTS, last * PROMPTS) for _ in range(N))
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_step_resumes_from_the_checkpoint_with_r3_and_no_lost_or_repeated_samples(setup):
     ckpt = str(setup[0] / "ckpt")
     with pytest.raises(RuntimeError) as err:
@@ -91,6 +92,7 @@ def test_a_worker_killed_mid_step_resumes_from_the_checkpoint_with_r3_and_no_los
     assert collections.Counter(again) == _rows_of_steps(3, 4)
 
 
+@pytest.mark.slow
 def test_a_rollout_engine_that_dies_mid_batch_ends_the_run_with_an_error(setup):
     with pytest.raises(RuntimeError) as err:
         _run(setup, "rollout_dies", steps=3, fault="kill_rollout:2")
@@ -100,6 +102,7 @@ def test_a_rollout_engine_that_dies_mid_batch_ends_the_run_with_an_error(setup):
         in message, message[-3000:]
 
 
+@pytest.mark.slow
 def test_replay_that_is_silently_not_installed_stops_the_run_at_the_first_step(setup):
     with pytest.raises(RuntimeError) as err:
         _run(setup, "skip_replay", steps=2, fault="skip_replay")

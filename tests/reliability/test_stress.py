@@ -40,7 +40,8 @@ def run_command(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm", "sglang"])
+@pytest.mark.parametrize("engine", ["hf", pytest.param("vllm", marks=pytest.mark.slow),
+                                    pytest.param("sglang", marks=pytest.mark.slow)])
 def test_64_concurrent_requests_with_aborts_match_the_single_request_reference(engine):
     if engine == "vllm":
         pytest.importorskip("vllm")
