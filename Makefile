@@ -33,7 +33,7 @@ test: $(READY)
 # the modules with slow tests first. Each test's processes (the test, verl's Ray workers, the
 # engines) run side by side with the other worker's, so OpenMP runs one thread per process and
 # its idle threads sleep rather than spin, leaving the cores to the processes with work. Two
-# workers held up to about 16 GB of memory on a 24 GB machine; TEST_WORKERS=0 runs the suite in
+# workers held at most 16.5 GB of memory (README, Environment); TEST_WORKERS=0 runs the suite in
 # one process.
 TEST_WORKERS ?= 2
 test-main: $(READY)

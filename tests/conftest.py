@@ -14,6 +14,6 @@ from __future__ import annotations
 
 
 def pytest_collection_modifyitems(config, items):
-    slow_modules = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("slow")}
+    slow_modules = {item.path for item in items if item.get_closest_marker("slow")}
     # sort is stable: within each group, modules and the tests in them keep their collected order
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in slow_modules)
+    items.sort(key=lambda item: item.path not in slow_modules)
