@@ -32,9 +32,8 @@ test: $(READY)
 # TEST_WORKERS pytest-xdist workers, one module at a time per worker; tests/conftest.py starts
 # the modules with slow tests first. Each test's processes (the test, verl's Ray workers, the
 # engines) run side by side with the other worker's, so OpenMP runs one thread per process and
-# its idle threads sleep rather than spin, leaving the cores to the processes with work. Two
-# workers held at most 16.5 GB of memory (README, Environment); TEST_WORKERS=0 runs the suite in
-# one process.
+# its idle threads sleep rather than spin, leaving the cores to the processes with work.
+# TEST_WORKERS=0 runs the suite in one process (README, Environment).
 TEST_WORKERS ?= 2
 test-main: $(READY)
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile \
