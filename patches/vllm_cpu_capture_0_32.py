@@ -10,6 +10,9 @@ What it patches
       Model Runner V2 does: the connector binds its capturer to every MoE router, starts each
       step with the scheduler's metadata, snapshots the step's routing after the forward and
       hands its per-request rows to the ``ModelRunnerOutput``.
+    - ``AuxOutputSchedulerConnector.take_output`` (in the engine core): the rows a request accepted
+      this step are read straight from the step's ``StepRouting`` (one lookup, one slice), with
+      vLLM's checks; any other output goes to vLLM's own.
     - Four parts of that path are the patch's own:
       - without data parallelism the routers' capture callback is rebound to ``StepCapturer``,
         which keeps each layer's ids as one narrowed tensor and stacks them once per step,
@@ -26,10 +29,10 @@ What it patches
       - the step's per-request rows travel from the worker process to the engine core as one
         ``StepRouting`` (one array, pickled once) instead of a dict of small arrays.
 
-    Everything downstream is vLLM's unchanged: the scheduler-side connector, the block-keyed
-    routing store kept beside the prefix cache (so prefix-cache hits get the routing of the
-    step that computed them) and the output processor that fills
-    ``CompletionOutput.routed_experts``. The result therefore has exactly the native layout:
+    Everything downstream is vLLM's unchanged, that ``take_output`` aside: the scheduler-side
+    connector's metadata and request finishing, the block-keyed routing store kept beside the
+    prefix cache (so prefix-cache hits get the routing of the step that computed them) and the
+    output processor that fills ``CompletionOutput.routed_experts``. The result therefore has exactly the native layout:
     a numpy array ``[prompt + generated - 1, layers, top_k]`` of uint8 (uint16 above 256
     experts), row i the experts chosen for token i.
 
@@ -383,8 +386,33 @@ def _sample_tokens(self, grammar_output, *args, **kwargs):
     return result
 
 
+def _take_output(self, request, output):
+    """vLLM's scheduler-side ``take_output`` (the rows one request accepted this step) read straight
+    from a ``StepRouting``: a position lookup and one slice, where the ``Mapping`` path builds a
+    per-request output object and slices twice. Same rows, same checks; any other output goes to
+    vLLM's own."""
+    if type(output) is not StepRouting:
+        return _originals["AuxOutputSchedulerConnector.take_output"](self, request, output)
+    request_id = request.request_id
+    i = output._positions().get(request_id)
+    if i is None:
+        raise RuntimeError(f"{NAME}: the worker sent no routing rows for request {request_id} this step")
+    start, lo, hi = output.starts[i], output.bounds[i], output.bounds[i + 1]
+    local_end = request.num_tokens - 1 - start
+    if local_end < 0:
+        if request.is_finished():
+            raise RuntimeError(f"{NAME}: request {request_id} finished with {request.num_tokens - 1} routed tokens, "
+                               f"but its routing rows this step start at token {start}")
+        return None
+    if local_end > hi - lo:
+        raise RuntimeError(f"{NAME}: request {request_id} accepted tokens {start} to {start + local_end - 1}, but the "
+                           f"worker sent routing rows for tokens {start} to {start + hi - lo - 1} only")
+    return output.rows[lo:lo + local_end]
+
+
 def _targets():
     from vllm.config import VllmConfig
+    from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     return {
@@ -393,6 +421,7 @@ def _targets():
         "CPUModelRunner.initialize_kv_cache": (CPUModelRunner, "initialize_kv_cache", _initialize_kv_cache),
         "CPUModelRunner.execute_model": (CPUModelRunner, "execute_model", _execute_model),
         "CPUModelRunner.sample_tokens": (CPUModelRunner, "sample_tokens", _sample_tokens),
+        "AuxOutputSchedulerConnector.take_output": (AuxOutputSchedulerConnector, "take_output", _take_output),
     }
 
 

@@ -81,7 +81,7 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
     "core.update_from_output": ("engine core", "vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
                                 "taking the step's outputs (and rows when capturing)"),
     "core.take_output": ("engine core", f"{_CONNECTOR}.connector", "AuxOutputSchedulerConnector.take_output",
-                         "vLLM's scheduler connector: one request's rows"),
+                         "take_output (StepRouting): one request's rows"),
     "core.encode": ("engine core", "vllm.v1.serial_utils", "MsgpackEncoder.encode_into",
                     "serializing outputs to the front end (output thread)"),
     "core.gc": ("engine core", "", "", "Python's garbage collector"),

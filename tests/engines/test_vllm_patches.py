@@ -45,12 +45,13 @@ def test_accepts_vllm_inside_its_window(patch_module, monkeypatch, version):
 
 def test_apply_and_revert_are_idempotent_and_restore_the_originals(patch_module):
     from vllm.config import VllmConfig
+    from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector
     from vllm.model_executor.layers import utils
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
     names = [(VllmConfig, "_verify_aux_output_compatibility"), (CPUModelRunner, "initialize_kv_cache"),
              (CPUModelRunner, "execute_model"), (CPUModelRunner, "sample_tokens"),
-             (utils, "dispatch_cpu_unquantized_gemm")]
+             (AuxOutputSchedulerConnector, "take_output"), (utils, "dispatch_cpu_unquantized_gemm")]
     before = [(owner, name, vars(owner).get(name)) for owner, name in names]
     assert patch_module.apply() is True and patch_module.apply() is False and patch_module.is_applied()
     changed = [name for owner, name, was in before if vars(owner).get(name) is not was]
@@ -165,12 +166,22 @@ def test_step_capturer_stacks_the_layers_of_one_forward_and_gives_dense_layers_z
     cap = StepCapturer(_native_capturer())
     ids0 = torch.tensor([[1, 7], [3, 2], [0, 5], [6, 4], [9, 9]], dtype=torch.int32)
     ids2 = torch.tensor([[200, 4], [5, 1], [2, 3], [7, 0], [9, 9]], dtype=torch.int64)
+    ids1 = torch.tensor([[4, 5], [6, 7], [1, 2], [3, 0]], dtype=torch.int32)
+    cap.capture(1, ids1)  # layer 1 routes in this forward only
+    cap.snapshot_routing_data(4)
     cap.capture(0, ids0)
-    cap.capture(2, ids2)  # layer 1 is dense: never routes
+    cap.capture(2, ids2.t().contiguous().t())  # a strided tensor reads the same
     rows = cap.snapshot_routing_data(4)  # the fifth row is padding past the step's tokens
     assert rows.shape == (4, 3, 2) and rows.dtype == torch.uint8
     assert torch.equal(rows[:, 0], ids0[:4].to(torch.uint8)) and torch.equal(rows[:, 2], ids2[:4].to(torch.uint8))
+    # Layer 1 did not route in this forward (a dense layer): zero rows, not the last forward's.
     assert torch.equal(rows[:, 1], torch.zeros(4, 2, dtype=torch.uint8))
+    cap.capture(0, ids2)
+    cap.capture(1, ids0)
+    cap.capture(2, ids2)
+    again = cap.snapshot_routing_data(5)
+    assert torch.equal(rows[:, 0], ids0[:4].to(torch.uint8))  # a snapshot is the step's own: the next forward leaves it
+    assert torch.equal(again, torch.stack([ids2, ids0, ids2], dim=1).to(torch.uint8))
     with pytest.raises(RuntimeError, match="no MoE layer routed"):
         cap.snapshot_routing_data(4)  # each step starts empty: nothing of the last forward is reused
     cap.capture(0, ids0[:2])
@@ -178,6 +189,57 @@ def test_step_capturer_stacks_the_layers_of_one_forward_and_gives_dense_layers_z
         cap.snapshot_routing_data(4)
     with pytest.raises(IndexError, match="layer 3 is outside the model's 3 layers"):
         cap.capture(3, ids0)
+    wide = StepCapturer(_native_capturer(dtype="uint16"))  # above 256 experts vLLM returns uint16
+    wide.capture(0, torch.tensor([[300, 2]]))
+    assert wide.snapshot_routing_data(1).tolist() == [[[300, 2], [0, 0], [0, 0]]]
+
+
+def test_take_output_reads_a_step_routing_as_vllms_take_output_reads_its_dict():
+    """The scheduler's per-request ``take_output`` on a ``StepRouting`` returns exactly the rows vLLM's
+    own returns on the same outputs, for rows within, at and before the accepted range, and refuses
+    what vLLM refuses (a missing request, rows short of the accepted tokens, a finished request with
+    no accepted rows) with an error naming the request."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector, AuxRequestOutput
+
+    from verl_r3.patches import vllm_cpu_capture_0_32 as patch
+
+    rng = np.random.default_rng(1)
+    outputs = {f"req-{i}": AuxRequestOutput(start, rng.integers(0, 8, (n, 4, 2), dtype=np.uint8))
+               for i, (start, n) in enumerate([(70, 1), (64, 6), (0, 37), (12, 1)])}
+    packed = patch.StepRouting(tuple(outputs), [o.token_start for o in outputs.values()],
+                               np.cumsum([0] + [len(o.rows) for o in outputs.values()]).tolist(),
+                               np.concatenate([o.rows for o in outputs.values()]))
+
+    def request(rid, num_tokens, finished=False):
+        return SimpleNamespace(request_id=rid, num_tokens=num_tokens, is_finished=lambda: finished)
+
+    cases = [request("req-0", 72), request("req-1", 71), request("req-1", 68), request("req-2", 38),
+             request("req-2", 1), request("req-3", 12), request("req-3", 13, finished=True)]
+    with reverted(patch):
+        vllm_take = AuxOutputSchedulerConnector.take_output  # vLLM's own, whatever an earlier test applied
+        patch.apply()
+        connector = AuxOutputSchedulerConnector()
+        assert AuxOutputSchedulerConnector.take_output is not vllm_take
+        for req in cases:
+            want, got = vllm_take(connector, req, outputs), connector.take_output(req, packed)
+            assert (got is None) == (want is None), req
+            if want is not None:
+                assert got.dtype == want.dtype and np.array_equal(got, want), req
+        assert connector.take_output(request("req-3", 13), outputs).shape == (0, 4, 2)  # a dict goes to vLLM's
+        with pytest.raises(RuntimeError, match="no routing rows for request req-9"):
+            connector.take_output(request("req-9", 5), packed)
+        with pytest.raises(RuntimeError, match="request req-1 accepted tokens 64 to 70, but the worker sent routing "
+                                               "rows for tokens 64 to 69 only"):
+            connector.take_output(request("req-1", 72), packed)
+        with pytest.raises(RuntimeError, match="request req-3 finished with 10 routed tokens, but its routing rows "
+                                               "this step start at token 12"):
+            connector.take_output(request("req-3", 11, finished=True), packed)
+        for bad in (request("req-1", 72), request("req-3", 11, finished=True)):
+            with pytest.raises(AssertionError):
+                vllm_take(connector, bad, outputs)  # vLLM refuses the same
 
 
 def test_step_routing_pickles_as_one_array_and_reads_like_vllms_dict():

@@ -40,6 +40,7 @@ plain engine's step, with the ratio they alone would give (``stage_share``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -242,8 +243,11 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
                     for side in _order(sides, i):
                         out[side].append(await timed(engines[side], side, done + i + 1))
             finally:
-                for engine in engines.values():
-                    engine.shutdown()
+                # No local keeps an engine once it is shut down: a frame that outlives this coroutine
+                # (vLLM's imports keep some) would hold it until interpreter exit, where
+                # AsyncLLM.__del__ fails noisily.
+                while engines:
+                    engines.popitem()[1].shutdown()
             done += count
         return out
 
@@ -253,6 +257,7 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
         runs = asyncio.run(main())
     finally:
         _set_affinity(os.getpid(), allowed)
+        gc.collect()  # the engines' reference cycles, while vLLM's modules are whole
     where = placement[0] if placement else {"pinned": None, "why": "not asked (--no-pin)"}
     if any(p != where for p in placement):
         where = {"pinned": [p["pinned"] for p in placement], "why": "the two engine starts were placed differently"}
