@@ -32,9 +32,9 @@ What it patches
     Everything downstream is vLLM's unchanged, that ``take_output`` aside: the scheduler-side
     connector's metadata and request finishing, the block-keyed routing store kept beside the
     prefix cache (so prefix-cache hits get the routing of the step that computed them) and the
-    output processor that fills ``CompletionOutput.routed_experts``. The result therefore has exactly the native layout:
-    a numpy array ``[prompt + generated - 1, layers, top_k]`` of uint8 (uint16 above 256
-    experts), row i the experts chosen for token i.
+    output processor that fills ``CompletionOutput.routed_experts``. The result therefore has
+    exactly the native layout: a numpy array ``[prompt + generated - 1, layers, top_k]`` of uint8
+    (uint16 above 256 experts), row i the experts chosen for token i.
 
 Why
     vLLM wires routing capture only into Model Runner V2, which needs Triton; Triton has no

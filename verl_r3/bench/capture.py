@@ -40,7 +40,6 @@ plain engine's step, with the ratio they alone would give (``stage_share``).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -257,7 +256,6 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
         runs = asyncio.run(main())
     finally:
         _set_affinity(os.getpid(), allowed)
-        gc.collect()  # the engines' reference cycles, while vLLM's modules are whole
     where = placement[0] if placement else {"pinned": None, "why": "not asked (--no-pin)"}
     if any(p != where for p in placement):
         where = {"pinned": [p["pinned"] for p in placement], "why": "the two engine starts were placed differently"}
