@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,6 +161,23 @@ def test_compact_rows_is_the_narrowest_exact_dtype(values, dtype):
     out = compact_rows(routed)
     assert out.dtype == dtype and out.tolist() == routed.tolist()
     assert compact_rows(torch.zeros(0, 4, 2, dtype=torch.int32)).dtype == torch.uint8
+
+
+@pytest.mark.parametrize("values, dtype", [([0, 299], torch.int16), ([3, 255], torch.uint8), ([0, 40000], torch.int32)])
+def test_compact_rows_reads_vllms_uint16_rows(values, dtype):
+    """vLLM returns uint16 routing above 256 experts, a dtype torch cannot take the min or max of."""
+    from verl_r3.core.record import compact_rows
+
+    routed = torch.from_numpy(np.array(values, dtype=np.uint16).reshape(1, 1, 2))
+    out = compact_rows(routed)
+    assert out.dtype == dtype and out.tolist() == [[values]]
+
+
+def test_compact_rows_refuses_values_past_int32():
+    from verl_r3.core.record import compact_rows
+
+    with pytest.raises(ValueError, match=r"values from 0 to 4294967295; expert ids and -1 fit int32"):
+        compact_rows(torch.tensor([0, 2**32 - 1], dtype=torch.int64).view(1, 1, 2))
 
 
 def test_validation_in_row_chunks_names_the_offending_sample_and_row(monkeypatch):

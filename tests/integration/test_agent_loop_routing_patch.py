@@ -90,6 +90,12 @@ def test_worker_compacts_routing_only_for_fsdp_actors(strategy, dtype):
     _run(wrapped, worker, _output(wide))
     if dtype is not None:
         assert seen[1].dtype == torch.int16 and seen[1].numpy().tolist() == wide.tolist()  # over 256 experts
+    vllms = wide.astype(np.uint16)  # what vLLM returns above 256 experts
+    _run(wrapped, worker, _output(vllms))
+    if dtype is None:
+        assert seen[2] is vllms
+    else:
+        assert seen[2].dtype == torch.int16 and seen[2].numpy().tolist() == wide.tolist()
 
 
 def test_routing_off_leaves_outputs_alone():

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,12 +61,37 @@ def test_batched_generation_returns_the_routing_and_log_probs_of_a_plain_forward
         seq = torch.tensor([req.prompt_ids + res.token_ids])
         with torch.no_grad(), rr.record() as rec:
             logits = ref_model(input_ids=seq[:, :-1]).logits[0].float()
-        # One row per token fed to the model: prompt + response - 1, as vLLM reports it.
+        # One row per token fed to the model: prompt + response - 1, in vLLM's layout: one byte per id,
+        # zeros in the layer without MoE (the record has -1 there).
         assert res.routed_experts.shape == (seq.shape[1] - 1, rr.num_layers, rr.top_k)
-        assert torch.equal(torch.from_numpy(res.routed_experts).to(rec.routed_experts.dtype), rec.routed_experts[0])
+        assert res.routed_experts.dtype == np.uint8 and rr.moe_layers == {0, 2}
+        assert torch.equal(torch.from_numpy(res.routed_experts).to(rec.routed_experts.dtype),
+                           rec.routed_experts[0].clamp(min=0))
+        assert (rec.routed_experts[0, :, 1] == -1).all() and (res.routed_experts[:, 1] == 0).all()
         expected = torch.log_softmax(logits, -1)[len(req.prompt_ids) - 1:].gather(
             -1, torch.tensor(res.token_ids)[:, None]).squeeze(-1)
         torch.testing.assert_close(torch.tensor(res.log_probs), expected, rtol=0, atol=1e-5)
+
+
+def test_routing_of_a_model_with_more_than_256_experts_is_uint16_as_vllms():
+    path, _, tok = H.model_dir(num_experts=300)
+    gen = HFGenerator(path, dtype=torch.float32, capture_routing=True, eos_token_ids=[tok.eos_token_id],
+                      pad_token_id=tok.pad_token_id)
+    reqs = _requests()
+    results = gen.generate(reqs)
+    ref_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa",
+                                                     experts_implementation="eager").eval()
+    rr = RouterReplay(ref_model)
+    top = 0
+    for req, res in zip(reqs, results):
+        seq = torch.tensor([req.prompt_ids + res.token_ids])
+        with torch.no_grad(), rr.record() as rec:
+            ref_model(input_ids=seq[:, :-1])
+        assert res.routed_experts.dtype == np.uint16
+        assert torch.equal(torch.from_numpy(res.routed_experts.astype(np.int32)),
+                           rec.routed_experts[0].clamp(min=0).int())
+        top = max(top, int(res.routed_experts.max()))
+    assert top > 255  # ids past one byte did come back
 
 
 def test_a_request_samples_the_same_tokens_alone_or_in_any_batch(model_path):

@@ -149,7 +149,9 @@ def from_vllm(
 
 
 def to_vllm(record: RoutingRecord) -> np.ndarray:
-    """Record -> int32 ``[rows, L, K]`` with -1 for missing, as vLLM reports it (no offset)."""
+    """Record -> int32 ``[rows, L, K]`` with -1 for missing rows, vLLM's row layout (no offset) in the
+    signed form. vLLM 0.32 itself returns ``uint8`` (``uint16`` above 256 experts) with zeros for
+    layers without MoE; ``from_vllm`` reads both."""
     if record.start != 0:
         raise ValueError(f"vLLM routing has no row offset, but the record starts at row {record.start}")
     return record.to_dense(dtype=torch.int32).numpy()

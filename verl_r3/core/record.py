@@ -87,6 +87,7 @@ _MAX_EXPERTS = UINT16_MISSING  # ids 0..65534, 65535 reserved
 
 _SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _DENSE_DTYPES = (*_SIGNED_INT_DTYPES, torch.uint8)
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def storage_dtype(num_experts: int) -> torch.dtype:
@@ -113,19 +114,26 @@ def compact_rows(routed: torch.Tensor) -> torch.Tensor:
 
     ``uint8`` when all values lie in ``[0, 256)`` (any model with at most 256 experts whose
     engine writes zeros, not -1, in layers without MoE: vLLM, SGLang, verl_r3's ``hf`` engine);
-    otherwise ``int16``, or ``int32`` past its range. Lossless: which rows are missing and which
-    layers have no router is decided where the rows are replayed, not here. The carriage form
-    of routing in verl's batches (``verl_r3.patches.verl_agent_loop_routing_0_9``).
+    otherwise ``int16``, or ``int32`` past its range (``ValueError`` past that). Rows of any
+    integer dtype are read, vLLM's ``uint16`` (above 256 experts) included. Lossless: which rows
+    are missing and which layers have no router is decided where the rows are replayed, not
+    here. The carriage form of routing in verl's batches
+    (``verl_r3.patches.verl_agent_loop_routing_0_9``).
     """
     if routed.dtype == torch.uint8:
         return routed
     if routed.numel() == 0:
         return routed.to(torch.uint8)
+    if routed.dtype in _WIDE_UNSIGNED:
+        # vLLM returns uint16 above 256 experts; torch reduces no unsigned dtype but uint8.
+        routed = routed.to(torch.int64)
     low, high = (int(v) for v in torch.aminmax(routed))
     if low >= 0 and high <= 255:
         return routed.to(torch.uint8)
     if torch.iinfo(torch.int16).min <= low and high <= torch.iinfo(torch.int16).max:
         return routed.to(torch.int16)
+    if low < torch.iinfo(torch.int32).min or high > torch.iinfo(torch.int32).max:
+        raise ValueError(f"routing holds values from {low} to {high}; expert ids and -1 fit int32, these do not")
     return routed.to(torch.int32)
 
 

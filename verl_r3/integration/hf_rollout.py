@@ -10,13 +10,16 @@ What verl needs from a rollout backend, and what this module gives it
     ``generate(prompt_ids, sampling_params, request_id, ...) -> TokenOutput`` like verl's
     vLLM and SGLang servers: response token ids, the log-prob of each sampled token, and,
     with ``rollout.enable_rollout_routing_replay``, the routing as a ``[n - 1, layers, top_k]``
-    int array over the ``n`` prompt + response tokens (row ``i`` is the experts that token
-    ``i`` was routed to; the last token is never fed to the model, so it has no row, as in
-    vLLM). Concurrent requests are batched by ``HFBatcher`` (no verl objects; ``verl-r3
-    stress`` drives it directly): those waiting when a batch starts are generated together
-    (left-padded, one KV cache), the rest wait for the next batch. ``HFReplica`` launches the
-    server (verl's ``RolloutReplicaRegistry``); ``HFRolloutAdapter`` is the worker-side half
-    (``_ROLLOUT_REGISTRY``) that streams the actor's weights into it every step.
+    numpy array over the ``n`` prompt + response tokens, laid out as vLLM returns it: row
+    ``i`` is the experts that token ``i`` was routed to (the last token is never fed to the
+    model, so it has no row), ids are ``uint8`` up to 256 experts (one byte per id on the way
+    to the trainer) and ``uint16`` above, and layers without MoE hold zeros
+    (``engine_rows``). Concurrent requests are batched by ``HFBatcher`` (no verl objects;
+    ``verl-r3 stress`` drives it directly): those waiting when a batch starts are generated
+    together (left-padded, one KV cache), the rest wait for the next batch. ``HFReplica``
+    launches the server (verl's ``RolloutReplicaRegistry``); ``HFRolloutAdapter`` is the
+    worker-side half (``_ROLLOUT_REGISTRY``) that streams the actor's weights into it every
+    step.
 
 Aborts
     ``abort_request(request_id)`` stops one request. Still queued, it ends at once with no
@@ -65,6 +68,8 @@ from typing import Iterable
 
 import numpy as np
 import torch
+
+from verl_r3.core.record import storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +166,15 @@ class Request:
 class Result:
     token_ids: list[int]
     log_probs: list[float]
-    routed_experts: np.ndarray | None  # [len(prompt) + len(response) - 1, layers, top_k]
+    routed_experts: np.ndarray | None  # [len(prompt) + len(response) - 1, layers, top_k], see engine_rows
     stop_reason: str  # "completed" or "aborted"
+
+
+def engine_rows(recorded: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Recorded routing (``RouterReplay.record``: -1 in layers without MoE) as vLLM returns it: ids in
+    ``storage_dtype`` (one byte each up to 256 experts, ``uint16`` above), zeros in layers without
+    MoE, on the host."""
+    return recorded.clamp(min=0).to(device="cpu", dtype=storage_dtype(num_experts))
 
 
 class HFGenerator:
@@ -302,16 +314,15 @@ class HFGenerator:
         counts = produced.cpu().tolist()
         routing = None
         if handle is not None:
-            # forwards[0] is the prefill [B, P, L, K]; forwards[s] (s >= 1) the decode of token s - 1.
-            routing = torch.cat(handle.forwards, dim=1).cpu()
+            # forwards[0] is the prefill [B, P, L, K]; forwards[s] (s >= 1) the decode of token s - 1, at
+            # position P + s - 1: a request's rows are one slice, from its first prompt token on.
+            routing = engine_rows(torch.cat(handle.forwards, dim=1), self.rr.num_experts)
         results = []
         for b, r in enumerate(reqs):
             n = counts[b]
             routed = None
             if routing is not None:
-                prompt_rows = routing[b, P - lengths[b]:P]
-                resp_rows = routing[b, P:P + max(n - 1, 0)]
-                routed = torch.cat([prompt_rows, resp_rows]).numpy().astype(np.int32)
+                routed = routing[b, P - lengths[b]:P + max(n - 1, 0)].clone().numpy()
             results.append(Result(
                 token_ids=tokens[b, :n].tolist(),
                 log_probs=logps[b, :n].tolist(),
