@@ -81,6 +81,24 @@ def test_vllm_unsigned_input():
     np.testing.assert_array_equal(to_vllm(record), routed)
 
 
+@pytest.mark.parametrize("num_experts, np_dtype", [(8, np.uint8), (256, np.uint8), (300, np.uint16)])
+def test_vllm_native_zero_rows_are_missing(num_experts, np_dtype):
+    """vLLM 0.32's own output: every decoder layer, unsigned ids, zeros in layers without MoE."""
+    routed = _routing(7, 3, 2, num_experts, seed=4)
+    routed[:, 1] = MISSING  # layer 1 has no router
+    routed[2, 0] = MISSING  # a row vLLM never wrote
+    native = routed.clamp(min=0).numpy().astype(np_dtype)
+    for given in (native, torch.from_numpy(native.copy())):
+        record = from_vllm(given, num_experts)
+        assert torch.equal(record.to_dense().to(torch.int32), routed.to(torch.int32))
+        assert (native[:, 1] == 0).all()  # the caller's array is left as it was
+    top1 = np.zeros((3, 2, 1), dtype=np.uint8)  # K == 1: zero is expert 0
+    assert (from_vllm(top1, 8).to_dense() == 0).all()
+    signed = routed.clamp(min=0).numpy().astype(np.int32)  # signed input keeps -1 as its only missing mark
+    with pytest.raises(ValueError, match="duplicate expert ids"):
+        from_vllm(signed, num_experts)
+
+
 def test_vllm_layer_map():
     num_layers, moe = 6, [1, 3, 4, 5]
     routed = _routing(9, len(moe), 4, 64, missing=0.1, seed=1)

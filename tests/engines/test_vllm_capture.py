@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,6 +26,8 @@ import engine_harness as H  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from verl_r3 import RouterReplay  # noqa: E402
+from verl_r3.core.formats import from_vllm  # noqa: E402
+from verl_r3.core.record import MISSING  # noqa: E402
 
 DRIVER = os.path.join(os.path.dirname(__file__), "vllm_capture_driver.py")
 TIMEOUT_S = 300
@@ -82,6 +85,11 @@ def test_routing_equals_a_transformers_recomputation_for_every_router(capture_ru
             assert c["dtype"] == "uint8"
             assert got.shape == (len(ids) - 1, cfg.num_hidden_layers, cfg.num_experts_per_tok), (c["request"], got.shape)
             assert (got[:, dense] == 0).all()  # layers without a router are left at zero
+            # verl_r3's reader takes vLLM's own output as it comes: the dense layer's zeros are missing rows.
+            record = from_vllm(np.asarray(c["routed_experts"], dtype=np.uint8), cfg.num_experts,
+                               num_layers=cfg.num_hidden_layers, sample=c["request"])
+            read = record.to_dense()
+            assert (read[:, dense] == MISSING).all() and torch.equal(read[:, moe], got[:, moe].to(read.dtype))
             ref = reference_routing(model, rr, ids)[:, moe]
             equal = (got[:, moe].sort(-1).values == ref).all(-1)
             compared += equal.numel()

@@ -41,6 +41,12 @@ def _who(sample: int | None) -> str:
     return f"sample {sample}: " if sample is not None else ""
 
 
+def _is_unsigned(routed) -> bool:
+    if isinstance(routed, torch.Tensor):
+        return routed.dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+    return np.asarray(routed).dtype.kind == "u"
+
+
 def _signed_tensor(routed, num_experts: int, sample: int | None, what: str) -> torch.Tensor:
     """Integer array/tensor of any dtype -> signed CPU-or-same-device tensor wide enough for
     ``num_experts`` ids and ``MISSING``, without wrapping any value."""
@@ -118,8 +124,17 @@ def from_vllm(
     reports only MoE layers; ``num_layers`` (the model's ``num_hidden_layers``) is then
     required and unmapped layers are ``MISSING``. Without ``layer_map``, ``L'`` is taken
     as is (checked against ``num_layers`` when given).
+
+    vLLM 0.32 returns every decoder layer in ``uint8`` (``uint16`` above 256 experts) and
+    leaves the rows of layers without MoE at zero. In unsigned input with ``K >= 2`` a row of
+    ``K`` zeros is therefore read as ``MISSING`` (ids in a row are distinct, so it is no
+    routing). With ``K == 1`` zero is expert 0: pass the MoE layers' columns with
+    ``layer_map`` instead.
     """
+    unsigned = _is_unsigned(routed_experts)
     routed = _signed_tensor(routed_experts, num_experts, sample, "vLLM routed_experts")
+    if unsigned:
+        zero_rows_missing(routed)  # a new tensor: _signed_tensor widened the caller's
     if routed.dim() != 3:
         raise ValueError(
             f"{_who(sample)}vLLM routed_experts must be [rows, layers, top_k], got shape {tuple(routed.shape)}"
