@@ -155,6 +155,17 @@ def test_sglang_round_trip(num_experts, top_k, num_layers, missing, dense, start
     assert to_sglang(record) == (b64, start)
 
 
+def test_sglang_zero_rows_of_layers_without_moe_are_missing():
+    """SGLang's capture buffer starts at zero and layers without MoE never write it."""
+    routed = _routing(9, 3, 2, 16, seed=5)
+    routed[:, 0] = MISSING  # layer 0 has no router
+    native = routed.clamp(min=0)
+    kwargs = dict(num_layers=3, top_k=2, num_experts=16)
+    assert torch.equal(from_sglang(_sglang_b64(native), **kwargs).to_dense().to(torch.int32), routed)
+    top1 = torch.zeros((4, 3, 1), dtype=torch.int32)  # K == 1: zero is expert 0
+    assert (from_sglang(_sglang_b64(top1), num_layers=3, top_k=1, num_experts=16).to_dense() == 0).all()
+
+
 def test_sglang_stitch_two_turns_equals_whole_sequence():
     num_layers, top_k, num_experts = 4, 8, 256
     whole = _routing(30, num_layers, top_k, num_experts, missing=0.1, dense=(0,), seed=4)  # 31 tokens

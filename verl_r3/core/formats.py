@@ -186,7 +186,11 @@ def from_sglang(
 ) -> RoutingRecord:
     """SGLang's ``meta_info["routed_experts"]`` (base64 of little-endian int32 ``[rows, L, K]``
     covering positions ``[start, start + rows)``; ``start`` is the request's
-    ``routed_experts_start_len``) -> record."""
+    ``routed_experts_start_len``) -> record.
+
+    SGLang captures into a zero-initialised buffer that layers without MoE never write, so with
+    ``K >= 2`` a row of ``K`` zeros is read as ``MISSING`` (a row's ids are distinct). With
+    ``K == 1`` zero is expert 0."""
     if isinstance(b64, str):
         try:
             b64 = b64.encode("ascii")
@@ -203,7 +207,7 @@ def from_sglang(
             f"{row_bytes} (4 bytes x num_layers={num_layers} x top_k={top_k})"
         )
     ids = np.frombuffer(raw, dtype="<i4").astype(np.int32)  # native order, writable copy
-    routed_NLK = torch.from_numpy(ids).reshape(-1, num_layers, top_k)
+    routed_NLK = zero_rows_missing(torch.from_numpy(ids).reshape(-1, num_layers, top_k))
     return RoutingRecord.from_dense(routed_NLK, num_experts, start=start, sample=sample)
 
 
