@@ -5,7 +5,8 @@ point that applies the patch) serves concurrent requests of different prompt and
 lengths with n=2, chunked prefill, a KV cache small enough to force preemption, a shared
 prefix and a second wave that hits the prefix cache, and two requests aborted mid-way. Every
 returned routing row must equal a transformers recomputation of the same tokens in fp32, for
-every (token, MoE layer) router.
+every (token, MoE layer) router. A second engine serves a model with 300 experts, whose routing
+vLLM returns as uint16, through verl_r3's reader and the agent-loop compaction.
 """
 
 from __future__ import annotations
@@ -117,3 +118,32 @@ def test_the_run_covered_preemption_prefix_hits_chunked_prefill_n2_and_aborts(ca
     assert all(c["finish_reason"] == "abort" and len(c["token_ids"]) < 6 + 4 * (c["request"] % 5) for c in aborted)
     for request in (3, 10):
         assert max(len(c["token_ids"]) for c in aborted if c["request"] == request) >= 3
+
+
+@pytest.mark.slow
+def test_above_256_experts_vllm_returns_uint16_that_verl_r3_reads_and_compacts():
+    """vLLM's routing dtype changes above 256 experts; its rows must still match transformers and
+    pass through verl_r3's reader and the agent-loop compaction unchanged."""
+    from verl_r3.core.record import compact_rows
+
+    path, cfg, _ = H.model_dir(num_experts=300)  # layer 1 dense, as in the module's model
+    requests = [{"prompt_ids": [(13 * i + 7 * j) % 250 + 3 for j in range(5 + 3 * i)], "max_tokens": 8}
+                for i in range(4)]
+    result = run_driver(path, {"engine": {"max_model_len": 64}, "waves": [requests]})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rr = RouterReplay(model)
+    moe = sorted(rr.moe_layers)
+    top = 0
+    for c in result["waves"][0]:
+        assert c["dtype"] == "uint16", c["dtype"]
+        got = np.asarray(c["routed_experts"], dtype=np.uint16)
+        ids = c["prompt_ids"] + c["token_ids"]
+        ref = reference_routing(model, rr, ids)[:, moe]
+        assert torch.equal(torch.from_numpy(got.astype(np.int64))[:, moe].sort(-1).values, ref.long())
+        compact = compact_rows(torch.from_numpy(got))  # what the agent-loop worker carries to the trainer
+        assert compact.dtype == (torch.int16 if got.max() > 255 else torch.uint8)  # per sample, the narrowest
+        assert compact.tolist() == got.tolist()
+        read = from_vllm(got, cfg.num_experts, sample=c["request"]).to_dense()
+        assert (read[:, 1] == MISSING).all() and read[:, moe].tolist() == got[:, moe].tolist()
+        top = max(top, int(got.max()))
+    assert top > 255  # ids past one byte did come back
