@@ -91,7 +91,7 @@ def test_vllm_native_zero_rows_are_missing(num_experts, np_dtype):
     for given in (native, torch.from_numpy(native.copy())):
         record = from_vllm(given, num_experts)
         assert torch.equal(record.to_dense().to(torch.int32), routed.to(torch.int32))
-        assert (native[:, 1] == 0).all()  # the caller's array is left as it was
+        assert (np.asarray(given)[:, 1] == 0).all()  # the caller's array is left as it was
     top1 = np.zeros((3, 2, 1), dtype=np.uint8)  # K == 1: zero is expert 0
     assert (from_vllm(top1, 8).to_dense() == 0).all()
     signed = routed.clamp(min=0).numpy().astype(np.int32)  # signed input keeps -1 as its only missing mark

@@ -43,7 +43,7 @@ def _who(sample: int | None) -> str:
 
 def _is_unsigned(routed) -> bool:
     if isinstance(routed, torch.Tensor):
-        return routed.dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+        return not routed.dtype.is_signed and routed.dtype != torch.bool
     return np.asarray(routed).dtype.kind == "u"
 
 

@@ -87,7 +87,6 @@ _MAX_EXPERTS = UINT16_MISSING  # ids 0..65534, 65535 reserved
 
 _SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 _DENSE_DTYPES = (*_SIGNED_INT_DTYPES, torch.uint8)
-_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 
 def storage_dtype(num_experts: int) -> torch.dtype:
@@ -124,7 +123,7 @@ def compact_rows(routed: torch.Tensor) -> torch.Tensor:
         return routed
     if routed.numel() == 0:
         return routed.to(torch.uint8)
-    if routed.dtype in _WIDE_UNSIGNED:
+    if not routed.dtype.is_signed:
         # vLLM returns uint16 above 256 experts; torch reduces no unsigned dtype but uint8.
         routed = routed.to(torch.int64)
     low, high = (int(v) for v in torch.aminmax(routed))

@@ -79,6 +79,7 @@ __all__ = [
     "HFGenerator",
     "Request",
     "Result",
+    "engine_rows",
     "fuse_expert_weights",
     "REPLICA_REGISTRY_MODULE",
     "ROLLOUT_REGISTRY_MODULE",
