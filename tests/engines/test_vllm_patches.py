@@ -482,6 +482,8 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
     for rid, req in requests.items():
         expected = np.stack([_row(req.tokens, p) for p in range(req.num_tokens - 1)])
         assert np.array_equal(np.concatenate(taken[rid]), expected), rid
+    for side in (vllm_side, ours):  # vLLM's store writes on a background thread: let each side's queue drain
+        side._store._queue.join()
     keys = list(vllm_side._store._store._lru)  # every block either side published, byte for byte
     assert len(keys) > 100 and sorted(keys) == sorted(ours._store._store._lru)
     assert ours._store.get_concatenated(keys) == vllm_side._store.get_concatenated(keys)
