@@ -10,8 +10,11 @@ What it patches (verl 0.9.1, package ``verl.workers.rollout.sglang_rollout``)
        (begin before the first bucket, end after the last) on the server's TP leader.
     4. ``async_sglang_server.SGLangHttpServer.launch_server``: after launch, the server's
        ``tokenizer_manager.generate_request`` (that instance only) turns
-       ``meta_info["routed_experts"]`` from SGLang's base64 string into the int32 tensor
-       ``[rows, num_hidden_layers, num_experts_per_tok]`` verl reads.
+       ``meta_info["routed_experts"]`` from SGLang's base64 string into the tensor
+       ``[rows, num_hidden_layers, num_experts_per_tok]`` verl reads, in the dtype vLLM returns
+       routing in (``uint8`` up to 256 experts, ``uint16`` above; zeros where a layer has no
+       MoE, as SGLang leaves them), so that it leaves the server at one byte per id for most
+       models rather than SGLang's four.
 
 Why
     verl 0.9.1 was written against SGLang 0.5.12; SGLang 0.5.23 (the release that runs on the
@@ -103,8 +106,14 @@ async def _update_weights(self, weights, *args, **kwargs):
             await self._engine.end_weight_update()
 
 
-def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int) -> None:
-    """Replace SGLang's base64 ``meta_info["routed_experts"]`` by an int32 tensor [rows, L, K], in place."""
+def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_experts: int | None = None) -> None:
+    """Replace SGLang's base64 ``meta_info["routed_experts"]`` (little-endian ``int32``) by a tensor
+    ``[rows, L, K]``, in place.
+
+    With ``num_experts`` the ids are narrowed to ``storage_dtype(num_experts)``, vLLM's own dtype
+    (``uint8`` up to 256 experts, ``uint16`` above), after checking every id lies in
+    ``[0, num_experts)``: an id outside raises ``ValueError`` naming the request, rather than
+    wrapping. Without it (a model type verl_r3 has no family for) they stay ``int32``."""
     encoded = meta_info.get("routed_experts")
     if not isinstance(encoded, (str, bytes)):
         return
@@ -113,23 +122,46 @@ def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int) -> None:
     import numpy as np
     import torch
 
+    from verl_r3.core.record import storage_dtype
+
     raw = base64.b64decode(encoded, validate=True)
     if len(raw) % (4 * num_layers * top_k):
-        raise ValueError(f"SGLang routed_experts has {len(raw)} bytes, not a multiple of 4 x num_layers={num_layers} "
-                         f"x top_k={top_k}")
-    ids = np.frombuffer(raw, dtype="<i4").astype(np.int32)
-    meta_info["routed_experts"] = torch.from_numpy(ids).reshape(-1, num_layers, top_k)
+        raise ValueError(f"SGLang request {meta_info.get('id')}: routed_experts has {len(raw)} bytes, not a multiple "
+                         f"of 4 x num_layers={num_layers} x top_k={top_k}")
+    ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int32))
+    if num_experts is not None:
+        dtype = storage_dtype(num_experts)
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= num_experts:
+                raise ValueError(f"SGLang request {meta_info.get('id')}: routed expert id {lo if lo < 0 else hi} is "
+                                 f"outside [0, {num_experts}) for a model with {num_experts} experts")
+        ids = ids.to(dtype)
+    meta_info["routed_experts"] = ids.reshape(-1, num_layers, top_k)
 
 
-def _decoding(generate_request, num_layers: int, top_k: int):
+def _decoding(generate_request, num_layers: int, top_k: int, num_experts: int | None):
     async def generate_request_decoded(obj, request=None):
         async for out in generate_request(obj, request):
             if isinstance(out, dict) and isinstance(out.get("meta_info"), dict):
-                decode_routed_experts(out["meta_info"], num_layers, top_k)
+                decode_routed_experts(out["meta_info"], num_layers, top_k, num_experts)
             yield out
 
     generate_request_decoded.__wrapped__ = generate_request
     return generate_request_decoded
+
+
+def _num_experts(hf_config) -> int | None:
+    """The model's expert count from verl_r3's family of its model type; None (routing stays
+    ``int32``, logged) for a model type verl_r3 has no family for."""
+    from verl_r3.core.replay import routing_dims
+
+    try:
+        return routing_dims(hf_config)[2]
+    except ValueError as exc:
+        logger.warning("verl_sglang_server_0_9: %s; SGLang's routing leaves the server as int32, four bytes per id",
+                       exc)
+        return None
 
 
 async def _launch_server(self, *args, **kwargs):
@@ -137,7 +169,8 @@ async def _launch_server(self, *args, **kwargs):
     manager = getattr(self, "tokenizer_manager", None)
     if manager is not None and self.config.enable_rollout_routing_replay:
         hf = self.model_config.hf_config
-        manager.generate_request = _decoding(manager.generate_request, hf.num_hidden_layers, hf.num_experts_per_tok)
+        manager.generate_request = _decoding(manager.generate_request, hf.num_hidden_layers, hf.num_experts_per_tok,
+                                             _num_experts(hf))
     return result
 
 

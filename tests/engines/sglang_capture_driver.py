@@ -107,9 +107,23 @@ def verl_server_checks() -> dict:
     names = [f.name for f in async_sglang_server.dataclasses.fields(ServerArgs)]
     out["server_args_fields"] = "enable_weights_cpu_backup" in names
     ids = np.arange(2 * 3 * 2, dtype="<i4")
-    meta = {"routed_experts": base64.b64encode(ids.tobytes()).decode()}
-    patch.decode_routed_experts(meta, 3, 2)
-    out["decoded"] = meta["routed_experts"].tolist()
+
+    def decoded(values, num_experts):
+        meta = {"id": "req-7", "routed_experts": base64.b64encode(np.asarray(values, dtype="<i4").tobytes()).decode()}
+        try:
+            patch.decode_routed_experts(meta, 3, 2, num_experts)
+        except ValueError as exc:
+            return str(exc)
+        return str(meta["routed_experts"].dtype), meta["routed_experts"].tolist()
+
+    out["decoded"] = decoded(ids, None)
+    out["decoded_narrow"] = {str(e): decoded(ids, e) for e in (12, 256, 300)}
+    out["decoded_wide_id"] = decoded(np.r_[ids[:-1], 299], 300)
+    out["decoded_bad"] = [decoded(np.r_[ids[:-1], 12], 12), decoded(np.r_[-1, ids[1:]], 12)]
+    from transformers import AutoConfig
+
+    moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=3, num_experts=12, num_experts_per_tok=2)
+    out["num_experts"] = [patch._num_experts(moe), patch._num_experts(AutoConfig.for_model("llama"))]
     out["revert"] = [patch.revert(), patch.revert()]
     out["adapter_after"] = adapter_error()
     return out

@@ -167,7 +167,16 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
     assert "abstract" in v["adapter_before"] and "begin_weight_update" in v["adapter_before"]
     assert v["apply"] == [True, False]
     assert v["adapter_applied"] is None and v["server_args_fields"] is True
-    assert v["decoded"] == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+    rows = [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+    assert v["decoded"] == ["torch.int32", rows]  # a model type without a verl_r3 family: SGLang's int32
+    # vLLM's dtypes: one byte per id up to 256 experts, two above.
+    assert v["decoded_narrow"] == {"12": ["torch.uint8", rows], "256": ["torch.uint8", rows],
+                                   "300": ["torch.uint16", rows]}
+    assert v["decoded_wide_id"] == ["torch.uint16", rows[:1] + [[[6, 7], [8, 9], [10, 299]]]]
+    assert v["decoded_bad"] == [
+        "SGLang request req-7: routed expert id 12 is outside [0, 12) for a model with 12 experts",
+        "SGLang request req-7: routed expert id -1 is outside [0, 12) for a model with 12 experts"]
+    assert v["num_experts"] == [12, None]
     assert v["revert"] == [True, False]
     assert "abstract" in v["adapter_after"]
 
