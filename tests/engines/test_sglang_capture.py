@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from verl_r3 import RouterReplay
 from verl_r3.engines import sglang_engine
+from verl_r3.patches import verl_sglang_server_0_9
 from verl_r3.quickstart.model import build_config, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,6 +134,11 @@ def assert_routing_matches(sample: dict, reference, who: str) -> None:
         f"{who}: {int(differ.sum())} of {differ.numel()} (token, layer) routers differ from the transformers "
         f"reference, first at (row, layer) {differ.nonzero()[0].tolist()}"
     )
+    # verl's SGLang server (with verl_sglang_server_0_9) hands the same ids on at one byte each.
+    meta = {"id": who, "routed_experts": sample["routed_experts"]}
+    verl_sglang_server_0_9.decode_routed_experts(meta, LAYERS, TOP_K, EXPERTS)
+    assert meta["routed_experts"].dtype == torch.uint8, who
+    assert torch.equal(meta["routed_experts"].to(got.dtype).sort(dim=-1).values, got), who
 
 
 @pytest.mark.slow
