@@ -124,7 +124,10 @@ def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_expe
 
     from verl_r3.core.record import storage_dtype
 
-    raw = base64.b64decode(encoded, validate=True)
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise ValueError(f"SGLang request {meta_info.get('id')}: routed_experts is not valid base64 ({exc})") from exc
     if len(raw) % (4 * num_layers * top_k):
         raise ValueError(f"SGLang request {meta_info.get('id')}: routed_experts has {len(raw)} bytes, not a multiple "
                          f"of 4 x num_layers={num_layers} x top_k={top_k}")

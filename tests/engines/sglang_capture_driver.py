@@ -120,6 +120,12 @@ def verl_server_checks() -> dict:
     out["decoded_narrow"] = {str(e): decoded(ids, e) for e in (12, 256, 300)}
     out["decoded_wide_id"] = decoded(np.r_[ids[:-1], 299], 300)
     out["decoded_bad"] = [decoded(np.r_[ids[:-1], 12], 12), decoded(np.r_[-1, ids[1:]], 12)]
+    for encoded in ("AAAA*", base64.b64encode(ids[:-1].tobytes()).decode()):
+        meta = {"id": "req-8", "routed_experts": encoded}
+        try:
+            patch.decode_routed_experts(meta, 3, 2, 12)
+        except ValueError as exc:
+            out["decoded_bad"].append(str(exc))
     from transformers import AutoConfig
 
     moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=3, num_experts=12, num_experts_per_tok=2)

@@ -181,7 +181,9 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
     assert v["decoded_wide_id"] == ["torch.uint16", rows[:1] + [[[6, 7], [8, 9], [10, 299]]]]
     assert v["decoded_bad"] == [
         "SGLang request req-7: routed expert id 12 is outside [0, 12) for a model with 12 experts",
-        "SGLang request req-7: routed expert id -1 is outside [0, 12) for a model with 12 experts"]
+        "SGLang request req-7: routed expert id -1 is outside [0, 12) for a model with 12 experts",
+        "SGLang request req-8: routed_experts is not valid base64 (Only base64 data is allowed)",
+        "SGLang request req-8: routed_experts has 44 bytes, not a multiple of 4 x num_layers=3 x top_k=2"]
     assert v["num_experts"] == [12, None]
     assert v["revert"] == [True, False]
     assert "abstract" in v["adapter_after"]
