@@ -14,7 +14,9 @@ What it patches (verl 0.9.1, package ``verl.workers.rollout.sglang_rollout``)
        ``[rows, num_hidden_layers, num_experts_per_tok]`` verl reads, in the dtype vLLM returns
        routing in (``uint8`` up to 256 experts, ``uint16`` above; zeros where a layer has no
        MoE, as SGLang leaves them), so that it leaves the server at one byte per id for most
-       models rather than SGLang's four.
+       models rather than SGLang's four. With routing replay and ``skip_tokenizer_init=False``
+       it refuses to launch (``ValueError``): verl's reader on that path imports a module
+       SGLang 0.5.23 no longer has.
 
 Why
     verl 0.9.1 was written against SGLang 0.5.12; SGLang 0.5.23 (the release that runs on the
@@ -168,6 +170,13 @@ def _num_experts(hf_config) -> int | None:
 
 
 async def _launch_server(self, *args, **kwargs):
+    if self.config.enable_rollout_routing_replay and not self.config.skip_tokenizer_init:
+        # verl reads routing through sglang.srt.layers.moe.routed_experts_capturer on that path, a module
+        # SGLang 0.5.23 no longer has: every generate would fail with ModuleNotFoundError.
+        raise ValueError(
+            "verl_sglang_server_0_9: actor_rollout_ref.rollout.skip_tokenizer_init=False with routing replay: "
+            "verl 0.9 then reads SGLang's routing through sglang.srt.layers.moe.routed_experts_capturer, which "
+            "SGLang 0.5.23 removed; keep skip_tokenizer_init=True (verl's default)")
     result = await _originals["launch_server"](self, *args, **kwargs)
     manager = getattr(self, "tokenizer_manager", None)
     if manager is not None and self.config.enable_rollout_routing_replay:

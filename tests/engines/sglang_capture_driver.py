@@ -130,6 +130,18 @@ def verl_server_checks() -> dict:
 
     moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=3, num_experts=12, num_experts_per_tok=2)
     out["num_experts"] = [patch._num_experts(moe), patch._num_experts(AutoConfig.for_model("llama"))]
+    import asyncio
+    import types
+
+    def launch(routing_replay, skip_tokenizer_init):
+        config = types.SimpleNamespace(enable_rollout_routing_replay=routing_replay,
+                                       skip_tokenizer_init=skip_tokenizer_init)
+        try:  # the refusal comes before verl's launch_server, which needs a real server object
+            asyncio.run(async_sglang_server.SGLangHttpServer.launch_server(types.SimpleNamespace(config=config)))
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    out["launch"] = [launch(True, False), launch(False, False)]
     out["revert"] = [patch.revert(), patch.revert()]
     out["adapter_after"] = adapter_error()
     return out

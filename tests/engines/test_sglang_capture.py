@@ -185,6 +185,10 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
         "SGLang request req-8: routed_experts is not valid base64 (Only base64 data is allowed)",
         "SGLang request req-8: routed_experts has 44 bytes, not a multiple of 4 x num_layers=3 x top_k=2"]
     assert v["num_experts"] == [12, None]
+    refused, plain = v["launch"]
+    assert refused.startswith("ValueError: verl_sglang_server_0_9: actor_rollout_ref.rollout.skip_tokenizer_init=False"
+                              " with routing replay"), refused
+    assert not plain.startswith("ValueError: verl_sglang_server_0_9"), plain  # without replay it goes on to verl's
     assert v["revert"] == [True, False]
     assert "abstract" in v["adapter_after"]
 
