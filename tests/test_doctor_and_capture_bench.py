@@ -47,12 +47,13 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
 
 
 @pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True),
-                                                   pytest.param("vllm", 2, False, marks=pytest.mark.slow)])
+                                                   pytest.param("vllm", 2, False, marks=pytest.mark.slow),
+                                                   pytest.param("sglang", 1, True, marks=pytest.mark.slow)])
 def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engine, rounds, control):
     """vLLM: 2 rounds, one per engine start order (4 engine starts), with --stages (timers inside the
     engines' processes; see ``check_stages``). --control adds a second instance without capture, one
     more entry in the sides every engine's round loop walks; it is checked on hf, where it costs no
-    engine start."""
+    engine start, and on SGLang (three engines in SGLang's environment, driven from a subprocess)."""
     if engine == "vllm":
         pytest.importorskip("vllm")
     argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
@@ -221,11 +222,6 @@ def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_er
 def test_bench_capture_stages_are_refused_outside_vllm(capsys):
     assert main(["bench", "capture", "--engine", "hf", "--stages"]) == 2
     assert "--stages is a vllm option" in capsys.readouterr().err
-
-
-def test_bench_capture_control_is_refused_for_sglang(capsys):
-    assert main(["bench", "capture", "--engine", "sglang", "--control"]) == 2
-    assert "no control instance" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("engine", ["hf", "sglang"])

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     capture.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="engine dtype")
     capture.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     capture.add_argument("--control", action="store_true",
-                         help="also time a second instance without capture (hf, vllm): control / plain is how far "
+                         help="also time a second instance without capture: control / plain is how far "
                               "two identical sides land apart on this machine")
     capture.add_argument("--no-pin", action="store_true",
                          help="vllm: leave the front end and engine cores where the OS puts them (by default they "

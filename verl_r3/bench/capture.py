@@ -13,7 +13,7 @@ medians and ``ratio = capture / plain`` (target >= 0.99).
 Every captured routing is checked to have one row per token fed, so the capture side really
 captured.
 
-``--control`` (hf and vllm) adds a third instance, a second one without capture, timed in the
+``--control`` adds a third instance, a second one without capture, timed in the
 same rounds: ``control_ratio = control / plain`` is what two identical sides measure apart on
 this machine, the resolution any ``ratio`` here has. vLLM engines are started twice, in one
 order and then the reverse, each order timing half of the rounds (the engine started first runs
@@ -81,7 +81,8 @@ def build_model(path: str, *, layers: int, experts: int, top_k: int, hidden: int
     tokenizer.save_pretrained(path)
 
 
-def _summary(engine: str, runs: dict[str, list[float]], shape: dict, machine: dict) -> dict:
+def summary(engine: str, runs: dict[str, list[float]], shape: dict, machine: dict) -> dict:
+    """The result of one engine's rounds (``runs``: tokens/s per side and round): medians and ratios."""
     capture, plain = statistics.median(runs["capture"]), statistics.median(runs["plain"])
     out = {"engine": engine, "tokens_per_s_capture": capture, "tokens_per_s_plain": plain,
            "ratio": capture / plain, "target": TARGET_RATIO, "rounds": len(runs["capture"]),
@@ -289,7 +290,8 @@ def _run_sglang(**kw) -> dict:
     root = str(Path(__file__).resolve().parents[2])
     args = [python, "-m", "verl_r3.bench.capture_sglang", "--json"]
     for key, value in kw.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        args += ([flag] if value else []) if isinstance(value, bool) else [flag, str(value)]
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # SGLang's scheduler and detokenizer die with the child, also when it hangs.
     child = run_child(args, timeout_s=SGLANG_TIMEOUT_S, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -315,8 +317,6 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         raise ValueError(f"--no-pin is a vllm option: only vLLM's processes are pinned, not {engine}'s")
     if stages and engine != "vllm":
         raise ValueError(f"--stages is a vllm option: it times stages inside vLLM's processes, not {engine}'s")
-    if control and engine == "sglang":
-        raise ValueError("--control runs for hf and vllm; SGLang's benchmark has no control instance")
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens)):
         if value < 1:
@@ -325,7 +325,8 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
              "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype}
     if engine == "sglang":
         result = _run_sglang(rounds=rounds, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
-                             layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed)
+                             layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed,
+                             control=control)
         result.setdefault("target", TARGET_RATIO)
         return result
     if prompt_len + new_tokens > MAX_POSITIONS:
@@ -337,10 +338,10 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         sides = ["capture", "plain"] + (["control"] if control else [])
         if engine == "hf":
             runs, machine = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype)
-            return _summary(engine, runs, shape, machine)
+            return summary(engine, runs, shape, machine)
         runs, machine = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype, pin=pin is not False,
                                   stages_dir=timers if stages else None)
-        result = _summary(engine, runs, shape, machine)
+        result = summary(engine, runs, shape, machine)
         if stages:
             result["stages"] = read_stages(timers, sides)
             result["stages_share"] = stage_share(result["stages"])

@@ -10,14 +10,16 @@ default), both on the CPU through ``verl_r3.engines.sglang_engine.start_cpu_engi
 * ``capture``: ``enable_return_routed_experts=True``, every request with
   ``return_routed_experts=True`` (SGLang records the top-k of every layer, gathers each
   request's rows from its host buffer and returns them base64-encoded);
-* ``plain``: neither.
+* ``plain``: neither;
+* ``control`` (``--control``): a second engine without capture, timed in the same rounds
+  (``control_ratio = control / plain``: how far apart two identical engines land here).
 
 Each round sends a batch of new prompts (``prompts`` prompts of ``prompt_len`` random tokens,
-``new_tokens`` tokens each, ``ignore_eos``; ``verl_r3.bench.capture.batches``) to one engine,
-then the same batch to the other, alternating which goes first, after one untimed warm-up round
-each. Throughput is generated tokens / wall time of
-the ``generate`` call; the result reports the medians over ``rounds`` and
-``ratio = capture / plain`` (1.0 = no cost). The idle engine sleeps (``sleep_on_idle``) so it
+``new_tokens`` tokens each, ``ignore_eos``; ``verl_r3.bench.capture.batches``) to each engine in
+turn, the order reversed every other round, after one untimed warm-up round each. Throughput is
+generated tokens / wall time of the ``generate`` call; the result
+(``verl_r3.bench.capture.summary``, as for the other engines) reports every round, the medians
+over ``rounds`` and ``ratio = capture / plain`` (1.0 = no cost). The idle engine sleeps (``sleep_on_idle``) so it
 does not take the cores from the one being timed. Every captured routing is decoded into a
 ``RoutingRecord`` and its row count checked, so the capture is real, not just enabled.
 """
@@ -28,7 +30,6 @@ import argparse
 import json
 import platform
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +46,8 @@ def _machine() -> dict:
 
 
 def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64, layers: int = 4,
-        experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32", seed: int = 0) -> dict:
+        experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32", seed: int = 0,
+        control: bool = False) -> dict:
     """Measure and return the result dict (see the module docstring)."""
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens)):
@@ -58,11 +60,13 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
     pool = prompts * (prompt_len + new_tokens) + 256
     with tempfile.TemporaryDirectory() as model_dir:
         shared.build_model(model_dir, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
+        sides = ["capture", "plain"] + (["control"] if control else [])
         engines = {}
         try:
-            for name, capture in (("capture", True), ("plain", False)):
-                engines[name] = start_cpu_engine(model_dir, dtype=dtype, capture=capture, max_total_tokens=pool,
-                                                 sleep_on_idle=True, random_seed=seed, log_level="warning")
+            for name in sides:
+                engines[name] = start_cpu_engine(model_dir, dtype=dtype, capture=name == "capture",
+                                                 max_total_tokens=pool, sleep_on_idle=True, random_seed=seed,
+                                                 log_level="warning")
 
             def one(name: str, k: int) -> float:
                 capture = name == "capture"
@@ -82,23 +86,13 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
                                                f"{prompt_len + new_tokens - 1}")
                 return generated / elapsed
 
-            per_round = shared.interleave(["capture", "plain"], rounds, one)
+            runs = shared.interleave(sides, rounds, one)
         finally:
             for engine in engines.values():
                 engine.shutdown()
-    capture_tps = statistics.median(per_round["capture"])
-    plain_tps = statistics.median(per_round["plain"])
-    return {
-        "engine": "sglang",
-        "tokens_per_s_capture": round(capture_tps, 1),
-        "tokens_per_s_plain": round(plain_tps, 1),
-        "ratio": round(capture_tps / plain_tps, 4),
-        "rounds": rounds,
-        "per_round": {k: [round(v, 1) for v in vs] for k, vs in per_round.items()},
-        "shape": {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "layers": layers,
-                  "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype},
-        "machine": _machine(),
-    }
+    shape = {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "layers": layers,
+             "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype}
+    return shared.summary("sglang", runs, shape, _machine())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=128, help="hidden size, a multiple of 32")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control", action="store_true", help="time a second engine without capture too")
     parser.add_argument("--timeout", type=int, default=900, help="seconds before the run gives up (default 900)")
     args = parser.parse_args(argv)
 
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
-                     dtype=args.dtype, seed=args.seed)
+                     dtype=args.dtype, seed=args.seed, control=args.control)
     except (ValueError, RuntimeError, TimeoutError) as exc:
         print(f"capture_sglang: error: {exc}", file=sys.stderr)
         return 1
@@ -134,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"SGLang capture: {result['tokens_per_s_capture']} tokens/s with, {result['tokens_per_s_plain']} "
-              f"without; ratio {result['ratio']} (median of {result['rounds']} rounds)")
+        print(shared.format_result(result))
     return 0
 
 
