@@ -324,11 +324,9 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     shape = {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "layers": layers,
              "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype}
     if engine == "sglang":
-        result = _run_sglang(rounds=rounds, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
-                             layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed,
-                             control=control)
-        result.setdefault("target", TARGET_RATIO)
-        return result
+        return _run_sglang(rounds=rounds, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
+                           layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed,
+                           control=control)
     if prompt_len + new_tokens > MAX_POSITIONS:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
                          f"{MAX_POSITIONS} positions")

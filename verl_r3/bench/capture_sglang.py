@@ -19,8 +19,8 @@ Each round sends a batch of new prompts (``prompts`` prompts of ``prompt_len`` r
 turn, the order reversed every other round, after one untimed warm-up round each. Throughput is
 generated tokens / wall time of the ``generate`` call; the result
 (``verl_r3.bench.capture.summary``, as for the other engines) reports every round, the medians
-over ``rounds`` and ``ratio = capture / plain`` (1.0 = no cost). The idle engine sleeps (``sleep_on_idle``) so it
-does not take the cores from the one being timed. Every captured routing is decoded into a
+over ``rounds`` and ``ratio = capture / plain`` (1.0 = no cost). Idle engines sleep
+(``sleep_on_idle``) so they do not take the cores from the one being timed. Every captured routing is decoded into a
 ``RoutingRecord`` and its row count checked, so the capture is real, not just enabled.
 """
 
