@@ -119,30 +119,21 @@ def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_expe
     encoded = meta_info.get("routed_experts")
     if not isinstance(encoded, (str, bytes)):
         return
-    import base64
-
-    import numpy as np
     import torch
 
+    from verl_r3.core.formats import sglang_ids
     from verl_r3.core.record import storage_dtype
 
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except ValueError as exc:  # binascii.Error
-        raise ValueError(f"SGLang request {meta_info.get('id')}: routed_experts is not valid base64 ({exc})") from exc
-    if len(raw) % (4 * num_layers * top_k):
-        raise ValueError(f"SGLang request {meta_info.get('id')}: routed_experts has {len(raw)} bytes, not a multiple "
-                         f"of 4 x num_layers={num_layers} x top_k={top_k}")
-    ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int32))
+    who = f"request {meta_info.get('id')}: "
+    ids = sglang_ids(encoded, num_layers=num_layers, top_k=top_k, who=who)
     if num_experts is not None:
-        dtype = storage_dtype(num_experts)
         if ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(ids))
             if lo < 0 or hi >= num_experts:
-                raise ValueError(f"SGLang request {meta_info.get('id')}: routed expert id {lo if lo < 0 else hi} is "
-                                 f"outside [0, {num_experts}) for a model with {num_experts} experts")
-        ids = ids.to(dtype)
-    meta_info["routed_experts"] = ids.reshape(-1, num_layers, top_k)
+                raise ValueError(f"{who}SGLang routed expert id {lo if lo < 0 else hi} is outside "
+                                 f"[0, {num_experts}) for a model with {num_experts} experts")
+        ids = ids.to(storage_dtype(num_experts))
+    meta_info["routed_experts"] = ids
 
 
 def _decoding(generate_request, num_layers: int, top_k: int, num_experts: int | None):

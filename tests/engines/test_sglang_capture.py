@@ -180,10 +180,10 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
                                    "300": ["torch.uint16", rows]}
     assert v["decoded_wide_id"] == ["torch.uint16", rows[:1] + [[[6, 7], [8, 9], [10, 299]]]]
     assert v["decoded_bad"] == [
-        "SGLang request req-7: routed expert id 12 is outside [0, 12) for a model with 12 experts",
-        "SGLang request req-7: routed expert id -1 is outside [0, 12) for a model with 12 experts",
-        "SGLang request req-8: routed_experts is not valid base64 (Only base64 data is allowed)",
-        "SGLang request req-8: routed_experts has 44 bytes, not a multiple of 4 x num_layers=3 x top_k=2"]
+        "request req-7: SGLang routed expert id 12 is outside [0, 12) for a model with 12 experts",
+        "request req-7: SGLang routed expert id -1 is outside [0, 12) for a model with 12 experts",
+        "request req-8: SGLang routed_experts is not valid base64: Only base64 data is allowed",
+        "request req-8: SGLang routed_experts has 44 bytes, not a multiple of 24 (4 bytes x num_layers=3 x top_k=2)"]
     assert v["num_experts"] == [12, None]
     refused, plain = v["launch"]
     assert refused.startswith("ValueError: verl_sglang_server_0_9: actor_rollout_ref.rollout.skip_tokenizer_init=False"

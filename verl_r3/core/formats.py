@@ -26,6 +26,7 @@ __all__ = [
     "from_sglang",
     "from_verl_batch",
     "from_vllm",
+    "sglang_ids",
     "to_nested",
     "to_sglang",
     "to_verl_batch",
@@ -191,24 +192,32 @@ def from_sglang(
     SGLang captures into a zero-initialised buffer that layers without MoE never write, so with
     ``K >= 2`` a row of ``K`` zeros is read as ``MISSING`` (a row's ids are distinct). With
     ``K == 1`` zero is expert 0."""
+    routed_NLK = zero_rows_missing(sglang_ids(b64, num_layers=num_layers, top_k=top_k, who=_who(sample)))
+    return RoutingRecord.from_dense(routed_NLK, num_experts, start=start, sample=sample)
+
+
+def sglang_ids(b64: str | bytes, *, num_layers: int, top_k: int, who: str = "") -> torch.Tensor:
+    """SGLang's ``meta_info["routed_experts"]`` (base64 of little-endian int32) -> a writable
+    ``int32`` tensor ``[rows, L, K]`` holding exactly what SGLang wrote (zero rows kept).
+    ``ValueError``, its message starting with ``who``, for input that is not base64 or whose
+    length is not whole rows."""
     if isinstance(b64, str):
         try:
             b64 = b64.encode("ascii")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"{_who(sample)}SGLang routed_experts is not valid base64: {exc}") from exc
+            raise ValueError(f"{who}SGLang routed_experts is not valid base64: {exc}") from exc
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, TypeError) as exc:
-        raise ValueError(f"{_who(sample)}SGLang routed_experts is not valid base64: {exc}") from exc
+        raise ValueError(f"{who}SGLang routed_experts is not valid base64: {exc}") from exc
     row_bytes = 4 * num_layers * top_k
     if row_bytes <= 0 or len(raw) % row_bytes:
         raise ValueError(
-            f"{_who(sample)}SGLang routed_experts has {len(raw)} bytes, not a multiple of "
+            f"{who}SGLang routed_experts has {len(raw)} bytes, not a multiple of "
             f"{row_bytes} (4 bytes x num_layers={num_layers} x top_k={top_k})"
         )
     ids = np.frombuffer(raw, dtype="<i4").astype(np.int32)  # native order, writable copy
-    routed_NLK = zero_rows_missing(torch.from_numpy(ids).reshape(-1, num_layers, top_k))
-    return RoutingRecord.from_dense(routed_NLK, num_experts, start=start, sample=sample)
+    return torch.from_numpy(ids).reshape(-1, num_layers, top_k)
 
 
 def to_sglang(record: RoutingRecord) -> tuple[str, int]:
