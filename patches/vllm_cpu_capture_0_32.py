@@ -19,8 +19,10 @@ What it patches
         instead of vLLM's per-layer slice write into an int32 ``[tokens, layers, top_k]`` buffer;
       - ``StepCommit`` hands the step's rows to the connector: a request decoding one token
         inside an open block has its row written with the step's others in one indexed
-        assignment, and every other request (prefill, first or resumed steps, prefix-cache
-        hits, a token that completes a block) goes through the connector's own
+        assignment, decided for the whole step by array comparisons against the cursors it
+        keeps for the step's batch (written back into the connector's request states before
+        vLLM's code reads them), and every other request (prefill, first or resumed steps,
+        prefix-cache hits, a token that completes a block) goes through the connector's own
         ``_commit_output``;
       - ``StepCommit.begin`` starts each step in the connector: when every request of the step
         already has its state and none finishes, only the step's block hashes go through the
@@ -169,18 +171,30 @@ class StepCommit:
     vLLM's ``process_output`` walks every request of the step in Python: cursor checks, one row
     staged into the request's open block, a publish pass, an output object. Most requests of a
     decode step need only the first of those. A request takes the short path when all of these
-    hold (checked against the connector's own state, per request):
+    hold:
 
     - it ran one token this step and samples it;
     - its capture and emit cursors stand exactly at that token;
-    - nothing of it waits for block keys;
+    - nothing of it waits for block keys, and no step output of it is in flight;
     - its open block holds the tokens before this one and is not completed by it.
 
-    For those, the rows are written into their open blocks with one indexed assignment and the
-    cursors advanced as vLLM would. Every other request (prefill chunks, a first or resumed
-    step, a prefix-cache hit, a token that completes a block) goes through vLLM's own
-    ``_commit_output``, which stages, keys and publishes blocks. Both kinds of outputs leave in
-    one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths.
+    The short path is decided and taken for the whole step at once, with no Python loop over its
+    requests. ``StepCommit`` keeps the step's batch (its request ids, in order) with each request's
+    cursor, open-block slot and length as arrays, read from the connector's own state when the
+    batch changes and after any request went the long way. A step whose batch is the last one's
+    compares its token starts with the cursors, writes the short-path rows into their open blocks
+    with one indexed assignment, and advances the arrays. Every other request (prefill chunks, a
+    first or resumed step, a prefix-cache hit, a token that completes a block) goes through vLLM's
+    own ``_commit_output``, which stages, keys and publishes blocks. Both kinds of outputs leave in
+    one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths. A settled request
+    at a block boundary (its last block just completed, or its prompt filled whole blocks) has its
+    next block opened here, as vLLM's capture of its next token would open it, so that token takes
+    the short path too.
+
+    The short path's advances reach the connector's request states and open blocks (cursors,
+    block length) lazily: ``sync`` writes them back, and ``StepCommit`` calls it for a request
+    before vLLM's code reads it (the long way, ``begin_step``). Nothing else reads those states:
+    every route into the connector goes through ``StepCommit``.
 
     ``begin`` starts each step in the connector (see there); ``begin_fast`` and ``begin_full``
     count its two paths."""
@@ -191,7 +205,105 @@ class StepCommit:
         self.full_requests = 0
         self.begin_fast = 0
         self.begin_full = 0
+        self._ids: list | None = None  # the kept batch's request ids, in batch order; None: none kept
+        self._meta_keys: list | None = None  # the scheduler's order of the batch's requests, and their
+        self._perm: list | None = None  # positions in the batch (None: the batch's own order)
 
+    # -- the kept batch ----------------------------------------------------------------------------
+    # Per position of the batch, as Python lists (inside vLLM's forward loop a numpy call costs
+    # several microseconds, a list comparison of a batch's ints a fraction of one):
+    #   _cursor   the token the request's next row is for, -1 where it cannot take the short path
+    #   _synced   the cursor its connector state holds (it lags _cursor after short-path steps)
+    #   _length   the length of its open block, as the short path has advanced it
+    #   _emit_off the emit cursor of a request off the short path (on it, it equals _cursor)
+    # and _flat, a numpy array: the row of the buffer (block slot x block size + length) that the
+    # request's next row goes into. A plain decode step advances every request's block by one:
+    # _shift counts those steps instead, _length, _max_length and _flat read that much less until
+    # _settle adds it in.
+    def _keep(self, request_ids: list) -> None:
+        """Keep ``request_ids`` as the batch, each position read from the connector's state."""
+        self.sync()
+        n = len(request_ids)
+        buffer = self.connector._buffer
+        self._ids, self._id_tuple = list(request_ids), tuple(request_ids)
+        self._index = {rid: i for i, rid in enumerate(request_ids)}
+        self._states, self._tails = [None] * n, [None] * n
+        self._cursor, self._synced, self._length, self._emit_off = [-1] * n, [-1] * n, [0] * n, [0] * n
+        self._flat = np.zeros(n, dtype=np.int64)
+        self._shift = 0
+        # The buffer's rows end to end, each row one opaque item: one row is copied per index.
+        self._row_item = np.dtype((np.void, buffer._rows[0, 0].nbytes))
+        self._rows_flat = buffer._rows.reshape(-1, buffer._rows[0, 0].size).view(self._row_item).reshape(-1)
+        self._bounds = list(range(n + 1))
+        self._meta_keys = self._perm = None
+        for i, rid in enumerate(request_ids):
+            self._read(i, rid)
+        self._outside = self._cursor.count(-1)
+        self._max_length = max(self._length)
+
+    def _settle(self) -> None:
+        """Add the plain decode steps counted in ``_shift`` into the block lengths and rows."""
+        shift, self._shift = self._shift, 0
+        if shift:
+            self._flat += shift
+            self._length = [k + shift for k in self._length]
+            self._max_length += shift
+
+    def _read(self, i: int, rid) -> None:
+        """Position ``i`` from the connector's state of request ``rid`` (which is in sync)."""
+        buffer = self.connector._buffer
+        state, tail = self.connector._requests.get(rid), buffer._requests.get(rid)
+        self._states[i] = state
+        cursor = -1
+        if state is not None:
+            cursor = state.capture_cursor
+            if (tail is None and cursor is not None and cursor % buffer.block_size == 0 and cursor
+                    and cursor == state.emit_cursor and not state.pending_blocks and not state.pending_outputs):
+                # A settled request at a block boundary (its last block completed, or its prompt
+                # filled whole blocks): open the block its next token goes into, as vLLM's capture
+                # of that token would (capture on CPU always resumes at the capture cursor).
+                tail = buffer._tail(rid, cursor)
+            if (tail is None or cursor is None or cursor != state.emit_cursor or state.pending_blocks
+                    or state.pending_outputs or tail.block_start + tail.length != cursor):
+                cursor = -1
+            # A request with output in flight is not checked against its emit cursor (vLLM's rule).
+            self._emit_off[i] = (1 << 62) if state.pending_outputs else state.emit_cursor
+        self._tails[i] = tail if cursor >= 0 else None
+        self._cursor[i] = self._synced[i] = cursor
+        self._length[i] = tail.length if cursor >= 0 else 0
+        if cursor >= 0:
+            self._flat[i] = tail.slot * buffer.block_size + tail.length
+
+    def _write_back(self, i: int) -> None:
+        cursor = self._cursor[i]
+        state = self._states[i]
+        state.capture_cursor = state.scheduled_cursor = state.emit_cursor = cursor
+        self._tails[i].length = self._length[i]
+        self._synced[i] = cursor
+
+    def _lagging(self) -> list:
+        if self._ids is None:
+            return []
+        return [i for i, (c, s) in enumerate(zip(self._cursor, self._synced)) if c != s]
+
+    def unsynced(self) -> dict:
+        """``request id -> cursor`` of each request whose connector state lags the short path's
+        advances: its capture, scheduled and emit cursors all stand at ``cursor`` once synced."""
+        return {self._ids[i]: self._cursor[i] for i in self._lagging()}
+
+    def sync(self) -> None:
+        """Write the short path's advances (cursors, open-block lengths) back into the connector's
+        request states, so that they read as vLLM's own commit would have left them."""
+        if self._ids is not None:
+            self._settle()
+        for i in self._lagging():
+            self._write_back(i)
+
+    def _drop(self) -> None:
+        self.sync()
+        self._ids = self._meta_keys = self._perm = None
+
+    # -- starting a step ---------------------------------------------------------------------------
     def begin(self, metadata) -> None:
         """The connector's ``begin_step(metadata)``, without its walk over the step's requests when
         that walk has nothing to do.
@@ -201,8 +313,10 @@ class StepCommit:
         then adds the step's block hashes, then finishes requests. When the generation is unchanged,
         no request finishes, and every request the metadata names already has a state, the walk
         creates nothing: then only the block hashes go through ``begin_step`` (as metadata naming no
-        request), the cursors are checked here, and the metadata is kept as the step's. Every other
-        step goes through ``begin_step`` whole."""
+        request), the emit cursors are checked here (against the kept batch's cursors, one list
+        comparison when every start equals its cursor, as in a decode step), and the metadata is
+        kept as the step's. Every other step writes the short path's advances back and goes through
+        ``begin_step`` whole."""
         connector = self.connector
         states = connector._requests
         if (metadata is None or connector._buffer is None or metadata.finished_requests
@@ -210,68 +324,116 @@ class StepCommit:
                 or not metadata.requests.keys() <= states.keys()
                 or not metadata.block_hashes.keys() <= states.keys()):
             self.begin_full += 1
+            self._drop()
             connector.begin_step(metadata)
             return
-        for request_id, emit_start in metadata.requests.items():
-            state = states[request_id]
-            if state.pending_outputs == 0 and emit_start > state.emit_cursor:
-                raise RuntimeError(f"{NAME}: request {request_id}: the scheduler starts its routing at token "
-                                   f"{emit_start}, past the {state.emit_cursor} tokens the worker has emitted")
+        self._check_starts(metadata.requests)
         self.begin_fast += 1
         if metadata.block_hashes:
+            # Block hashes touch only keys and pending blocks, never a short-path request's cursors.
             connector.begin_step(type(metadata)(generation=metadata.generation, requests={},
                                                 block_hashes=metadata.block_hashes, finished_requests=()))
         connector._step_metadata = metadata
 
+    def _check_starts(self, requests: dict) -> None:
+        """vLLM's check that the scheduler starts no request's routing past what the worker emitted."""
+        if self._ids is not None:
+            keys = list(requests)
+            if keys != self._meta_keys:
+                index = self._index
+                positions = [index.get(rid, -1) for rid in keys]
+                if -1 in positions:
+                    self._meta_keys = self._perm = None
+                else:
+                    self._meta_keys = keys
+                    self._perm = None if positions == list(range(len(self._ids))) else positions
+            if self._meta_keys is not None:
+                emitted = self._cursor
+                if self._outside:
+                    emitted = [c if c >= 0 else e for c, e in zip(emitted, self._emit_off)]
+                if self._perm is not None:
+                    emitted = [emitted[i] for i in self._perm]
+                starts = list(requests.values())
+                if starts != emitted:
+                    for rid, start, done in zip(keys, starts, emitted):
+                        if start > done:
+                            self._fail_start(rid, start, done)
+                return
+        self.sync()
+        for request_id, emit_start in requests.items():
+            state = self.connector._requests[request_id]
+            if state.pending_outputs == 0 and emit_start > state.emit_cursor:
+                self._fail_start(request_id, emit_start, state.emit_cursor)
+
+    @staticmethod
+    def _fail_start(request_id, emit_start: int, emitted: int):
+        raise RuntimeError(f"{NAME}: request {request_id}: the scheduler starts its routing at token "
+                           f"{emit_start}, past the {emitted} tokens the worker has emitted")
+
+    # -- committing a step -------------------------------------------------------------------------
     def __call__(self, request_ids: list, token_starts, query_start_loc, rows, sampled) -> StepRouting:
         connector = self.connector
         buffer = connector._buffer
-        states, tails, size = connector._requests, buffer._requests, buffer.block_size
-        starts, bounds, samples = token_starts.tolist(), query_start_loc.tolist(), sampled.tolist()
-        fast_ids, fast_starts, fast_src, fast_slots, fast_offsets, full = [], [], [], [], [], []
-        for i, rid in enumerate(request_ids):
-            start = starts[i]
-            if bounds[i + 1] - bounds[i] == 1 and samples[i]:
-                state, tail = states[rid], tails.get(rid)
-                if (tail is not None and state.capture_cursor == start and state.emit_cursor == start
-                        and not state.pending_blocks and tail.block_start + tail.length == start
-                        and tail.length < size - 1):
-                    fast_ids.append(rid)
-                    fast_starts.append(start)
-                    fast_src.append(bounds[i])
-                    fast_slots.append(tail.slot)
-                    fast_offsets.append(tail.length)
-                    tail.length += 1
-                    state.capture_cursor = state.scheduled_cursor = state.emit_cursor = start + 1
-                    continue
-            full.append(i)
+        if request_ids != self._ids:
+            self._keep(request_ids)
+        if rows.dtype != buffer.dtype:
+            raise RuntimeError(f"{NAME}: the step's routing rows are {rows.dtype}, the connector's blocks {buffer.dtype}")
+        n = len(request_ids)
+        starts, samples = token_starts.tolist(), sampled.tolist()
+        last = buffer.block_size - 1
+        if (starts == self._cursor and int(query_start_loc[n]) == n and self._max_length + self._shift < last
+                and 0 not in samples):
+            # A plain decode step: every request runs one token inside its open block (the batch's
+            # starts are its cursors, so none is off the short path) and samples it. ``rows`` is
+            # the step's own array (both capturers' snapshots are new), safe to hand out.
+            self._rows_flat[self._shift:][self._flat] = rows.reshape(n, -1).view(self._row_item).reshape(n)
+            self._shift += 1
+            self._cursor = [c + 1 for c in starts]
+            self.fast_rows += n
+            return StepRouting(self._id_tuple, starts, self._bounds, rows)
+        self._settle()
+        cursor, length = self._cursor, self._length
+        bounds = query_start_loc.tolist()
+        fast, full = [], []
+        for i, start in enumerate(starts):
+            if start == cursor[i] and bounds[i + 1] - bounds[i] == 1 and samples[i] and length[i] < last:
+                fast.append(i)
+                cursor[i] += 1
+                length[i] += 1
+            else:
+                full.append(i)
         parts = []
-        if fast_src:
-            # Every row of the step is a fast request's one row, in order (a plain decode step): no gather.
-            # ``rows`` is the step's own array (both capturers' snapshots are new), safe to hand out.
-            fast_rows = rows if len(fast_src) == len(rows) else rows[fast_src]
-            buffer._rows[fast_slots, fast_offsets] = fast_rows
+        if fast:
+            # Every row of the step is a fast request's one row, in order: no gather.
+            fast_rows = rows if len(fast) == len(rows) else rows[[bounds[i] for i in fast]]
+            self._rows_flat[self._flat[fast]] = fast_rows.reshape(len(fast), -1).view(self._row_item).reshape(-1)
+            self._flat[fast] += 1
             parts.append(fast_rows)
-        full_outputs = {}
-        if full:
-            full_bounds = [0]
-            for i in full:
-                full_bounds.append(full_bounds[-1] + bounds[i + 1] - bounds[i])
-            step = SimpleNamespace(
-                request_ids=[request_ids[i] for i in full], token_starts=token_starts[full],
-                query_start_loc=np.asarray(full_bounds),
-                routed_experts=np.concatenate([rows[bounds[i]:bounds[i + 1]] for i in full]),
-                num_sampled=sampled[full], num_rejected=np.zeros(len(full), dtype=sampled.dtype))
-            with connector._lock:
-                full_outputs = connector._commit_output(step)
-            parts.extend(o.rows for o in full_outputs.values())
-        self.fast_rows += len(fast_src)
+        for i in full:
+            if cursor[i] != self._synced[i]:
+                self._write_back(i)
+        full_bounds = [0]
+        for i in full:
+            full_bounds.append(full_bounds[-1] + bounds[i + 1] - bounds[i])
+        step = SimpleNamespace(
+            request_ids=[request_ids[i] for i in full], token_starts=token_starts[full],
+            query_start_loc=np.asarray(full_bounds),
+            routed_experts=np.concatenate([rows[bounds[i]:bounds[i + 1]] for i in full]),
+            num_sampled=np.asarray(sampled[full], dtype=np.int32), num_rejected=np.zeros(len(full), dtype=np.int32))
+        with connector._lock:
+            full_outputs = connector._commit_output(step)
+        for i in full:
+            self._read(i, request_ids[i])
+        self._outside = cursor.count(-1)
+        self._max_length = max(length)
+        parts.extend(o.rows for o in full_outputs.values())
+        self.fast_rows += len(fast)
         self.full_requests += len(full)
-        out_bounds = list(range(len(fast_src) + 1))
+        out_bounds = list(range(len(fast) + 1))
         for o in full_outputs.values():
             out_bounds.append(out_bounds[-1] + len(o.rows))
-        out_starts = fast_starts + [int(o.token_start) for o in full_outputs.values()]
-        return StepRouting(tuple(fast_ids) + tuple(full_outputs), out_starts, out_bounds,
+        out_starts = [starts[i] for i in fast] + [int(o.token_start) for o in full_outputs.values()]
+        return StepRouting(tuple(request_ids[i] for i in fast) + tuple(full_outputs), out_starts, out_bounds,
                            (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else None)
 
 
@@ -365,7 +527,7 @@ def _execute_model(self, scheduler_output, *args, **kwargs):
             list(self.input_batch.req_ids[:num_reqs]),
             self.input_batch.num_computed_tokens_cpu[:num_reqs].copy(),
             query_start_loc, rows,
-            (~self.discard_request_mask.np[:num_reqs].astype(bool)).astype(np.int32),
+            ~self.discard_request_mask.np[:num_reqs],  # which requests sample this step
         )
     return result
 

@@ -311,10 +311,10 @@ def test_the_engine_captures_through_the_per_layer_capturer_and_the_step_commit(
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["capturer"] == "StepCapturer"
     # Positions 0-3 are the prompt (one prefill step, vLLM's commit); 4..42 are decoded one a step.
-    # Of those, 31 completes the first 32-token block and 32 opens the next (vLLM's commit); the
-    # other 37 are written by the short path.
+    # Of those, 31 completes the first 32-token block (vLLM's commit); StepCommit opens the next
+    # block itself, so the other 38, the one at 32 among them, are written by the short path.
     assert len(result["tokens"]) == 40
-    assert (result["fast_rows"], result["full_requests"]) == (37, 3)
+    assert (result["fast_rows"], result["full_requests"]) == (38, 2)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     rr = RouterReplay(model)
     ids = [5, 9, 14, 3] + result["tokens"]
@@ -342,10 +342,14 @@ def _row(tokens: list[int], position: int):
     return (np.frombuffer(digest[:LAYERS * TOP_K], dtype=np.uint8) % EXPERTS).reshape(LAYERS, TOP_K)
 
 
-def _request_states(connector) -> dict:
-    """What the worker connector holds of each request after a step has begun."""
+def _request_states(connector, commit=None) -> dict:
+    """What the worker connector holds of each request after a step has begun; with ``commit``, its
+    cursors as they read once the short path's advances are written back (read, not written, so
+    that the test leaves StepCommit to write them back itself before vLLM's code reads them)."""
+    lagging = commit.unsynced() if commit is not None else {}
     return {rid: (list(s.aux_output_keys), [(start, rows.tobytes()) for start, rows in s.pending_blocks],
-                  s.capture_cursor, s.scheduled_cursor, s.emit_cursor, s.pending_outputs, s.finished)
+                  *((lagging[rid],) * 3 if rid in lagging else (s.capture_cursor, s.scheduled_cursor, s.emit_cursor)),
+                  s.pending_outputs, s.finished)
             for rid, s in connector._requests.items()}
 
 
@@ -372,6 +376,59 @@ def test_step_commit_begin_refuses_a_scheduler_start_past_what_the_worker_emitte
         connector._store.close()
 
 
+def test_step_commit_begin_checks_the_kept_batch_against_its_own_cursors_in_the_schedulers_order():
+    """Once a step's batch is kept, the short path's advances live in StepCommit's lists (the
+    connector's states lag them), a request still prefilling is off the short path (its emit cursor
+    is the state's), and the batch's order is the worker's, not the scheduler's: the check must read
+    each request's own cursor."""
+    import numpy as np
+    from vllm.distributed.aux_output_connector.connector import AuxOutputConnectorMetadata
+
+    from verl_r3.bench.vllm_commit import worker_connector
+    from verl_r3.patches.vllm_cpu_capture_0_32 import StepCommit
+
+    connector = worker_connector(block_size=BLOCK, layers=LAYERS, top_k=TOP_K, max_num_seqs=4,
+                                 max_num_batched_tokens=64, store_bytes=1 << 20)
+
+    def rows(n):
+        return np.arange(n * LAYERS * TOP_K, dtype=np.uint8).reshape(n, LAYERS, TOP_K) % EXPERTS
+
+    def meta(**starts):
+        return AuxOutputConnectorMetadata(0, starts, {}, ())
+
+    sampled = np.array([1, 1, 0], dtype=np.int32)  # c prefills its 6-token prompt in chunks of 2
+    try:
+        commit = StepCommit(connector)
+        commit.begin(meta(a=0, b=0, c=0))
+        # Batch order b, a, c: b has two prompt tokens, a one.
+        out = commit(["b", "a", "c"], np.array([0, 0, 0]), np.array([0, 2, 3, 5]), rows(5), sampled)
+        assert (out["b"].token_start, len(out["b"].rows), out["a"].token_start, len(out["a"].rows)) == (0, 2, 0, 1)
+        assert "c" not in out
+        commit.begin(meta(a=1, b=2, c=0))
+        fast = commit.fast_rows
+        out = commit(["b", "a", "c"], np.array([2, 1, 2]), np.array([0, 1, 2, 4]), rows(4), sampled)
+        assert commit.fast_rows == fast + 2 and (out["b"].token_start, out["a"].token_start) == (2, 1)
+        assert commit.unsynced() == {"b": 3, "a": 2}  # the connector's states still read 2 and 1
+        begun = commit.begin_fast
+        commit.begin(meta(a=2, b=3, c=0))
+        assert commit.begin_fast == begun + 1
+        with pytest.raises(RuntimeError, match="request b: the scheduler starts its routing at token 4, past the 3"):
+            commit.begin(meta(a=2, b=4, c=0))
+        with pytest.raises(RuntimeError, match="request a: the scheduler starts its routing at token 3, past the 2"):
+            commit.begin(meta(a=3, b=3, c=0))
+        with pytest.raises(RuntimeError, match="request c: the scheduler starts its routing at token 1, past the 0"):
+            commit.begin(meta(a=2, b=3, c=1))
+        commit.sync()
+        assert commit.unsynced() == {}
+        assert [(connector._requests[r].capture_cursor, connector._requests[r].emit_cursor,
+                 connector._buffer._requests[r].length) for r in ("a", "b")] == [(2, 2, 2), (3, 3, 3)]
+        # c's first block is complete (and waits for its key); nothing of it was emitted.
+        c = connector._requests["c"]
+        assert (c.capture_cursor, c.emit_cursor, len(c.pending_blocks)) == (4, 0, 1)
+    finally:
+        connector._store.close()
+
+
 def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_preemption_and_prefix_hits():
     """Two copies of vLLM's worker-side connector follow one simulated scheduler (vLLM's own
     scheduler-side connector builds every step's metadata): one commits each step through vLLM's
@@ -390,7 +447,7 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
     from verl_r3.bench.vllm_commit import SimRequest, vllm_commit, worker_connector
     from verl_r3.patches.vllm_cpu_capture_0_32 import StepCommit
 
-    rnd = random.Random(0)
+    rnd, order = random.Random(0), random.Random(1)
     shared = [rnd.randrange(1, 250) for _ in range(2 * BLOCK + 1)]
 
     def request(rid, prompt, max_new):
@@ -439,10 +496,12 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
         fast = commit.begin_fast
         commit.begin(meta)
         fast_with_hashes += commit.begin_fast > fast and bool(meta.block_hashes)
-        assert _request_states(ours) == _request_states(vllm_side), steps
+        assert _request_states(ours, commit) == _request_states(vllm_side), steps
         if not scheduled:
             continue
         ids = list(scheduled)
+        if order.random() < 0.2:  # the worker's batch order need not be the scheduler's
+            order.shuffle(ids)
         starts = np.array([requests[r].num_computed for r in ids])
         bounds = np.cumsum([0] + [scheduled[r] for r in ids])
         rows = np.stack([_row(requests[r].tokens, p) for r in ids
@@ -455,7 +514,9 @@ def test_step_commit_returns_and_stores_what_vllms_commit_does_under_chunks_pree
         for rid in want:
             assert got[rid].token_start == want[rid].token_start and np.array_equal(got[rid].rows, want[rid].rows), (
                 steps, rid)
-        for rid, s in zip(ids, sampled.tolist()):
+        sampled_of = dict(zip(ids, sampled.tolist()))
+        for rid in scheduled:  # in the scheduler's order, whatever the batch's
+            s = sampled_of[rid]
             req = requests[rid]
             req.num_computed += scheduled[rid]
             computed_blocks.update(req.block_hashes[:req.num_computed // BLOCK])
