@@ -178,12 +178,14 @@ class StepCommit:
     - nothing of it waits for block keys, and no step output of it is in flight;
     - its open block holds the tokens before this one and is not completed by it.
 
-    The short path is decided and taken for the whole step at once, with no Python loop over its
-    requests. ``StepCommit`` keeps the step's batch (its request ids, in order) with each request's
-    cursor, open-block slot and length as arrays, read from the connector's own state when the
-    batch changes and after any request went the long way. A step whose batch is the last one's
-    compares its token starts with the cursors, writes the short-path rows into their open blocks
-    with one indexed assignment, and advances the arrays. Every other request (prefill chunks, a
+    In a plain decode step the short path is decided and taken for the whole step at once, without
+    checking or updating the requests one by one. ``StepCommit`` keeps the step's batch (its request
+    ids, in order) with each request's cursor and open-block length as lists and its next buffer row
+    as an array, read from the connector's own state when the batch changes and after a request
+    went the long way. A step whose batch is the kept one and whose token starts equal the kept
+    cursors (one list comparison) writes its rows into their open blocks with one indexed
+    assignment and advances the cursors with one list comprehension. A step that mixes both paths
+    checks its requests in one loop. Every other request (prefill chunks, a
     first or resumed step, a prefix-cache hit, a token that completes a block) goes through vLLM's
     own ``_commit_output``, which stages, keys and publishes blocks. Both kinds of outputs leave in
     one ``StepRouting``. ``fast_rows`` and ``full_requests`` count the two paths. A settled request
@@ -215,7 +217,7 @@ class StepCommit:
     #   _cursor   the token the request's next row is for, -1 where it cannot take the short path
     #   _synced   the cursor its connector state holds (it lags _cursor after short-path steps)
     #   _length   the length of its open block, as the short path has advanced it
-    #   _emit_off the emit cursor of a request off the short path (on it, it equals _cursor)
+    #   _emit_off the emit cursor of a request off the short path (unused while it is on it)
     # and _flat, a numpy array: the row of the buffer (block slot x block size + length) that the
     # request's next row goes into. A plain decode step advances every request's block by one:
     # _shift counts those steps instead, _length, _max_length and _flat read that much less until
