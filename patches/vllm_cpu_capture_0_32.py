@@ -241,7 +241,7 @@ class StepCommit:
         for i, rid in enumerate(request_ids):
             self._read(i, rid)
         self._outside = self._cursor.count(-1)
-        self._max_length = max(self._length)
+        self._max_length = max(self._length, default=0)
 
     def _settle(self) -> None:
         """Add the plain decode steps counted in ``_shift`` into the block lengths and rows."""
@@ -383,7 +383,7 @@ class StepCommit:
         n = len(request_ids)
         starts, samples = token_starts.tolist(), sampled.tolist()
         last = buffer.block_size - 1
-        if (starts == self._cursor and int(query_start_loc[n]) == n and self._max_length + self._shift < last
+        if (n and starts == self._cursor and int(query_start_loc[n]) == n and self._max_length + self._shift < last
                 and 0 not in samples):
             # A plain decode step: every request runs one token inside its open block (the batch's
             # starts are its cursors, so none is off the short path) and samples it. ``rows`` is
@@ -411,24 +411,27 @@ class StepCommit:
             self._rows_flat[self._flat[fast]] = fast_rows.reshape(len(fast), -1).view(self._row_item).reshape(-1)
             self._flat[fast] += 1
             parts.append(fast_rows)
-        for i in full:
-            if cursor[i] != self._synced[i]:
-                self._write_back(i)
-        full_bounds = [0]
-        for i in full:
-            full_bounds.append(full_bounds[-1] + bounds[i + 1] - bounds[i])
-        step = SimpleNamespace(
-            request_ids=[request_ids[i] for i in full], token_starts=token_starts[full],
-            query_start_loc=np.asarray(full_bounds),
-            routed_experts=np.concatenate([rows[bounds[i]:bounds[i + 1]] for i in full]),
-            num_sampled=np.asarray(sampled[full], dtype=np.int32), num_rejected=np.zeros(len(full), dtype=np.int32))
-        with connector._lock:
-            full_outputs = connector._commit_output(step)
-        for i in full:
-            self._read(i, request_ids[i])
-        self._outside = cursor.count(-1)
-        self._max_length = max(length)
-        parts.extend(o.rows for o in full_outputs.values())
+        full_outputs = {}
+        if full:
+            for i in full:
+                if cursor[i] != self._synced[i]:
+                    self._write_back(i)
+            full_bounds = [0]
+            for i in full:
+                full_bounds.append(full_bounds[-1] + bounds[i + 1] - bounds[i])
+            step = SimpleNamespace(
+                request_ids=[request_ids[i] for i in full], token_starts=token_starts[full],
+                query_start_loc=np.asarray(full_bounds),
+                routed_experts=np.concatenate([rows[bounds[i]:bounds[i + 1]] for i in full]),
+                num_sampled=np.asarray(sampled[full], dtype=np.int32),
+                num_rejected=np.zeros(len(full), dtype=np.int32))
+            with connector._lock:
+                full_outputs = connector._commit_output(step)
+            for i in full:
+                self._read(i, request_ids[i])
+            self._outside = cursor.count(-1)
+            self._max_length = max(length, default=0)
+            parts.extend(o.rows for o in full_outputs.values())
         self.fast_rows += len(fast)
         self.full_requests += len(full)
         out_bounds = list(range(len(fast) + 1))

@@ -425,6 +425,9 @@ def test_step_commit_begin_checks_the_kept_batch_against_its_own_cursors_in_the_
         # c's first block is complete (and waits for its key); nothing of it was emitted.
         c = connector._requests["c"]
         assert (c.capture_cursor, c.emit_cursor, len(c.pending_blocks)) == (4, 0, 1)
+        # A step with no requests (nothing ran) gives an empty output, as vLLM's commit does.
+        empty = commit([], np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64), rows(0), np.zeros(0, dtype=bool))
+        assert len(empty) == 0 and empty.rows is None
     finally:
         connector._store.close()
 
