@@ -10,6 +10,10 @@ What it patches
     2. ``sglang.srt.mem_cache.pool_host.common.ALLOC_MEMORY_FUNCS`` (a defaultdict keyed by
        device type, shared by every module that imported it): a ``"cpu"`` entry that
        allocates unpinned host memory through the allocator SGLang passes.
+    3. ``sglang.srt.models.deepseek_common.attention_backend_handler.AttentionBackendRegistry``:
+       a handler for ``"torch_native"`` that runs every forward of a multi-head latent attention
+       layer (DeepSeek-V2/V3 and the models built on SGLang's ``deepseek_v2``) in the absorbed
+       form, ``AttnForwardMethod.MLA``. Only when SGLang registers no handler of its own for it.
 
 Why
     With ``device="cpu"`` and ``SGLANG_USE_CPU_ENGINE`` unset (SGLang's own CPU engine needs
@@ -26,7 +30,14 @@ Why
        through ``ALLOC_MEMORY_FUNCS[device]``; ``"cpu"`` has no entry, so the default
        ``alloc_with_host_register`` pins the buffer with ``cudaHostRegister``, which fails
        without CUDA. Pinning buys nothing when the device is the host itself.
-    Both fixes must hold in SGLang's child processes (scheduler, detokenizer). SGLang runs its
+    3. A multi-head latent attention layer asks the registry how to run each forward; with no
+       ``"torch_native"`` entry it gets the Triton handler, which picks plain multi-head
+       attention for a prefill without cached prefix. That path hands the torch-native backend
+       the latent KV cache (``kv_lora_rank + qk_rope_head_dim`` wide, one head) as if it held
+       per-head keys, and the first prefill of a DeepSeek-V3 model kills the scheduler
+       (``RuntimeError: Expected size for first two dimensions of batch2 tensor``). The absorbed
+       form reads that cache as it is laid out, in prefill and decode alike.
+    The fixes must hold in SGLang's child processes (scheduler, detokenizer). SGLang runs its
     general plugins (entry-point group ``sglang.srt.plugins``) early in each of them;
     ``scripts/sglang_env.sh`` registers ``verl_r3.engines.sglang_engine:sglang_plugin`` there,
     which calls ``apply()`` when ``VERL_R3_SGLANG_CPU=1``.
@@ -34,14 +45,18 @@ Why
 Upstream reference
     sglang 0.5.23: ``python/sglang/srt/layers/rotary_embedding/base.py``
     (``RotaryEmbedding.__init__``, the ``else: from vllm._custom_ops import rotary_embedding``
-    branch) and ``python/sglang/srt/mem_cache/pool_host/common.py`` (``ALLOC_MEMORY_FUNCS``).
+    branch), ``python/sglang/srt/mem_cache/pool_host/common.py`` (``ALLOC_MEMORY_FUNCS``),
+    ``python/sglang/srt/models/deepseek_common/attention_backend_handler.py``
+    (``handle_attention_triton``) and ``python/sglang/srt/layers/attention/torch_native_backend.py``
+    (``forward_extend``).
 
 Versions tested
     sglang 0.5.23 with torch 2.14.1 and transformers 5.19.0, on an x86_64 host without GPU.
 
 Remove when
     SGLang gives the plain CPU device a native rotary path without the vLLM import (or makes the
-    import lazy) and an ``ALLOC_MEMORY_FUNCS`` entry for ``"cpu"``.
+    import lazy), an ``ALLOC_MEMORY_FUNCS`` entry for ``"cpu"`` and an attention handler for
+    ``"torch_native"`` (3. already steps aside for one).
 
 Nothing is patched on import: call ``apply()`` (and ``revert()``).
 """
@@ -61,10 +76,13 @@ logger = logging.getLogger(__name__)
 SUPPORTED = ">=0.5.23,<0.6.0"
 ROTARY_MODULE = "sglang.srt.layers.rotary_embedding.base"
 ALLOC_MODULE = "sglang.srt.mem_cache.pool_host.common"
+MLA_MODULE = "sglang.srt.models.deepseek_common.attention_backend_handler"
+MLA_BACKEND = "torch_native"
 STAND_IN_MARK = "__verl_r3_stand_in__"
 
 # What apply() changed, for revert(): "rotary_init" -> original __init__, "alloc_cpu" -> True
-# when the "cpu" entry is ours. Empty means "not applied".
+# when the "cpu" entry is ours, "mla_handler" -> True when the "torch_native" handler is ours.
+# Empty means "not applied".
 _originals: dict[str, object] = {}
 
 
@@ -126,6 +144,12 @@ def alloc_host_unpinned(dims, dtype, device, pin_memory, allocator, registration
     return torch.empty(dims, dtype=dtype, device=device)
 
 
+def absorbed_mla_on_torch_native(attn, forward_batch):
+    """The ``"torch_native"`` entry of SGLang's MLA handler registry: every forward of a latent
+    attention layer in the absorbed form, the one that reads SGLang's latent KV cache as laid out."""
+    return sys.modules[MLA_MODULE].AttnForwardMethod.MLA
+
+
 def _patched_rotary_init(self, *args, **kwargs):
     original = _originals.get("rotary_init")
     if original is None:  # reverted while a class still held this function
@@ -139,7 +163,7 @@ def is_applied() -> bool:
 
 
 def apply() -> bool:
-    """Install both fixes. Returns True if this call changed anything (idempotent)."""
+    """Install the three fixes. Returns True if this call changed anything (idempotent)."""
     if _originals:
         return False
     version = check_version()
@@ -147,11 +171,15 @@ def apply() -> bool:
 
     rotary = importlib.import_module(ROTARY_MODULE)
     alloc = importlib.import_module(ALLOC_MODULE)
+    mla = importlib.import_module(MLA_MODULE)
     funcs = getattr(alloc, "ALLOC_MEMORY_FUNCS", None)
-    if not isinstance(funcs, dict) or not hasattr(rotary, "RotaryEmbedding"):
+    registry = getattr(getattr(mla, "AttentionBackendRegistry", None), "_handlers", None)
+    if (not isinstance(funcs, dict) or not hasattr(rotary, "RotaryEmbedding") or not isinstance(registry, dict)
+            or not hasattr(getattr(mla, "AttnForwardMethod", None), "MLA")):
         raise RuntimeError(
-            f"sglang_cpu_0_5: sglang {version} has no {ALLOC_MODULE}.ALLOC_MEMORY_FUNCS dict or no "
-            f"{ROTARY_MODULE}.RotaryEmbedding; this patch targets the layout of sglang 0.5.23"
+            f"sglang_cpu_0_5: sglang {version} has no {ALLOC_MODULE}.ALLOC_MEMORY_FUNCS dict, no "
+            f"{ROTARY_MODULE}.RotaryEmbedding, or no {MLA_MODULE}.AttentionBackendRegistry._handlers dict and "
+            "AttnForwardMethod.MLA; this patch targets the layout of sglang 0.5.23"
         )
     changed = []
     _originals["rotary_init"] = rotary.RotaryEmbedding.__init__
@@ -166,20 +194,30 @@ def apply() -> bool:
         funcs["cpu"] = alloc_host_unpinned
         _originals["alloc_cpu"] = True
         changed.append(f"{ALLOC_MODULE}.ALLOC_MEMORY_FUNCS['cpu'] (unpinned host memory)")
+    if MLA_BACKEND in registry:  # a later SGLang may bring its own handler: keep it
+        _originals["mla_handler"] = False
+    else:
+        registry[MLA_BACKEND] = absorbed_mla_on_torch_native
+        _originals["mla_handler"] = True
+        changed.append(f"{MLA_MODULE}.AttentionBackendRegistry['{MLA_BACKEND}'] (absorbed MLA)")
     logger.info("sglang_cpu_0_5: sglang %s: patched %s", version, "; ".join(changed))
     return True
 
 
 def revert() -> bool:
-    """Restore the original constructor and drop the ``"cpu"`` entry apply() added. Idempotent."""
+    """Restore the original constructor and drop the ``"cpu"`` entry and ``"torch_native"`` handler
+    apply() added. Idempotent."""
     if not _originals:
         return False
-    rotary, alloc = sys.modules[ROTARY_MODULE], sys.modules[ALLOC_MODULE]
+    rotary, alloc, mla = sys.modules[ROTARY_MODULE], sys.modules[ALLOC_MODULE], sys.modules[MLA_MODULE]
     if rotary.RotaryEmbedding.__init__ is _patched_rotary_init:
         rotary.RotaryEmbedding.__init__ = _originals["rotary_init"]
     if _originals["alloc_cpu"] and alloc.ALLOC_MEMORY_FUNCS.get("cpu") is alloc_host_unpinned:
         del alloc.ALLOC_MEMORY_FUNCS["cpu"]
+    handlers = mla.AttentionBackendRegistry._handlers
+    if _originals["mla_handler"] and handlers.get(MLA_BACKEND) is absorbed_mla_on_torch_native:
+        del handlers[MLA_BACKEND]
     _originals.clear()
-    logger.info("sglang_cpu_0_5: restored %s.RotaryEmbedding.__init__ and %s.ALLOC_MEMORY_FUNCS", ROTARY_MODULE,
-                ALLOC_MODULE)
+    logger.info("sglang_cpu_0_5: restored %s.RotaryEmbedding.__init__, %s.ALLOC_MEMORY_FUNCS and %s's handlers",
+                ROTARY_MODULE, ALLOC_MODULE, MLA_MODULE)
     return True

@@ -26,6 +26,14 @@ def patch_checks() -> dict:
     patch = cpu_patch()
     from sglang.srt.layers.rotary_embedding.base import RotaryEmbedding
     from sglang.srt.mem_cache.pool_host import common
+    from sglang.srt.models.deepseek_common import attention_backend_handler as mla
+
+    def mla_handler():
+        """What a latent attention layer on the torch-native backend gets for a fresh prefill."""
+        handler = mla.AttentionBackendRegistry.get_handler("torch_native")
+        if handler is patch.absorbed_mla_on_torch_native:
+            return ("patch", handler(None, None).name)
+        return ("sglang", handler.__name__)
 
     def rotary():
         return RotaryEmbedding(32, 32, 64, 10000, True, torch.float32)
@@ -38,11 +46,12 @@ def patch_checks() -> dict:
         return None
 
     out = {"vllm_installed": patch.vllm_installed(), "before_cpu_entry": "cpu" in common.ALLOC_MEMORY_FUNCS,
-           "before_rotary_error": rotary_error()}
+           "before_rotary_error": rotary_error(), "before_mla_handler": mla_handler()}
     out["apply"] = [patch.apply(), patch.apply()]
     out["applied_cpu_entry_is_patch"] = common.ALLOC_MEMORY_FUNCS.get("cpu") is patch.alloc_host_unpinned
     emb = rotary()
     out["applied_rotary_ok"] = bool(emb.cos_sin_cache.shape[0] == 64)
+    out["applied_mla_handler"] = mla_handler()
     out["vllm_left_in_sys_modules"] = "vllm" in sys.modules or "vllm._custom_ops" in sys.modules
     buf = common.ALLOC_MEMORY_FUNCS["cpu"]((3, 4, 2), dtype=torch.int32, device="cpu", pin_memory=True,
                                            allocator=common.HostTensorAllocator())
@@ -51,6 +60,7 @@ def patch_checks() -> dict:
     out["revert"] = [patch.revert(), patch.revert()]
     out["after_cpu_entry"] = "cpu" in common.ALLOC_MEMORY_FUNCS
     out["after_rotary_error"] = rotary_error()
+    out["after_mla_handler"] = mla_handler()
     return out
 
 

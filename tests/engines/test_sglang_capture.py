@@ -7,6 +7,10 @@ under a wall-clock limit. One engine serves every case: two requests that share 
 lengths and output budgets, each sampled twice (n=2), in a KV pool small enough that SGLang
 retracts running requests and recomputes them later. Every (token, layer) router of every output must equal
 the top-k of a transformers forward over prompt + output in fp32.
+
+A second engine serves a DeepSeek-V3 model (multi-head latent attention, grouped biased
+sigmoid routing, a dense first layer) through the same cases but retraction: its routers must
+equal transformers' too, and its dense layer must read as missing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from verl_r3 import RouterReplay
 from verl_r3.engines import sglang_engine
 from verl_r3.patches import verl_sglang_server_0_9
 from verl_r3.quickstart.model import build_config, build_tokenizer
+from verl_r3.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("sglang_capture_driver.py")
@@ -105,9 +110,8 @@ def result(spec, tmp_path_factory) -> dict:
     return run_driver(spec, tmp_path_factory.mktemp("sglang_run"))
 
 
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    """Routing of a transformers fp32 forward: ids -> [len(ids), L, K] (native top-k)."""
+def transformers_routing(model_dir):
+    """Routing of a transformers fp32 forward: ids -> [len(ids), L, K] (native top-k; -1 in a dense layer)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager",
                                                  experts_implementation="eager").eval()
     rr = RouterReplay(model)
@@ -120,13 +124,23 @@ def reference(model_dir):
     return routing
 
 
-def assert_routing_matches(sample: dict, reference, who: str) -> None:
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return transformers_routing(model_dir)
+
+
+def assert_routing_matches(sample: dict, reference, who: str, dims=(LAYERS, TOP_K, EXPERTS), dense=()) -> None:
+    """``sample``'s SGLang routing equals ``reference`` at every (token, layer); layers ``dense``
+    (without a router) read as missing, and verl's SGLang server hands on zeros there."""
+    layers, top_k, experts = dims
     seq = sample["prompt"] + sample["output_ids"]
-    record = sglang_engine.routing_record({"routed_experts": sample["routed_experts"]}, num_layers=LAYERS,
-                                          top_k=TOP_K, num_experts=EXPERTS)
+    record = sglang_engine.routing_record({"routed_experts": sample["routed_experts"]}, num_layers=layers,
+                                          top_k=top_k, num_experts=experts)
     # SGLang's rows cover positions [0, N - 1): the last sampled token is never fed back.
     assert (record.start, record.rows) == (0, len(seq) - 1), who
-    assert record.missing_mask().sum() == 0, who
+    moe = [layer for layer in range(layers) if layer not in dense]
+    missing = record.missing_mask()
+    assert missing[:, list(dense)].all() and not missing[:, moe].any(), who
     got = record.to_dense().sort(dim=-1).values
     want = reference(seq)[: len(seq) - 1].to(got.dtype).sort(dim=-1).values
     differ = (got != want).any(dim=-1)  # [N - 1, L]
@@ -136,9 +150,11 @@ def assert_routing_matches(sample: dict, reference, who: str) -> None:
     )
     # verl's SGLang server (with verl_sglang_server_0_9) hands the same ids on at one byte each.
     meta = {"id": who, "routed_experts": sample["routed_experts"]}
-    verl_sglang_server_0_9.decode_routed_experts(meta, LAYERS, TOP_K, EXPERTS)
-    assert meta["routed_experts"].dtype == torch.uint8, who
-    assert torch.equal(meta["routed_experts"].to(got.dtype).sort(dim=-1).values, got), who
+    verl_sglang_server_0_9.decode_routed_experts(meta, layers, top_k, experts)
+    decoded = meta["routed_experts"]
+    assert decoded.dtype == torch.uint8, who
+    assert (decoded[:, list(dense)] == 0).all(), who
+    assert torch.equal(decoded[:, moe].to(got.dtype).sort(dim=-1).values, got[:, moe]), who
 
 
 @pytest.mark.slow
@@ -155,6 +171,11 @@ def test_patch_applies_reverts_and_never_leaves_a_vllm_module_behind(result):
     assert p["revert"] == [True, False]
     assert p["after_cpu_entry"] is False
     assert p["after_rotary_error"] and "vllm" in p["after_rotary_error"]
+    # A latent attention layer on the torch-native backend: SGLang's Triton handler (plain multi-head
+    # attention for a fresh prefill, which misreads the latent KV cache) unpatched, the absorbed form patched.
+    assert p["before_mla_handler"] == ["sglang", "handle_attention_triton"]
+    assert p["applied_mla_handler"] == ["patch", "MLA"]
+    assert p["after_mla_handler"] == ["sglang", "handle_attention_triton"]
 
 
 @pytest.mark.slow
@@ -227,6 +248,68 @@ def test_retracted_requests_keep_their_routing(result, spec, reference):
     assert retracted, "no request was retracted: shrink max_total_tokens or lengthen the outputs"
     for j in retracted:  # already compared above; named here so a failure says which case broke
         assert_routing_matches(batch[j], reference, f"retracted sample {j}")
+
+
+# -- DeepSeek-V3 ---------------------------------------------------------------------------------
+
+DS_LAYERS, DS_EXPERTS, DS_TOP_K, DS_DENSE = 3, 8, 3, (0,)
+
+
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory) -> Path:
+    """A tiny DeepSeek-V3 (first layer dense; 2 expert groups, 1 chosen; a non-zero selection bias)
+    with the fields DeepSeek-V3's own config.json carries and SGLang reads: its routing method, its
+    MoE layer frequency and YaRN rope scaling (SGLang's CPU rotary for latent attention requires it)."""
+    path = tmp_path_factory.mktemp("sglang_deepseek")
+    tokenizer = build_tokenizer()
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    model = tiny_model("deepseek_v3", num_experts=DS_EXPERTS, hidden_size=128, num_hidden_layers=DS_LAYERS,
+                       vocab_size=8 * -(-len(tokenizer) // 8), rope_parameters=rope, topk_method="noaux_tc",
+                       scoring_func="sigmoid", moe_layer_freq=1, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = model.config
+    assert (cfg.first_k_dense_replace, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (1, DS_TOP_K, 2, 1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deepseek_spec(deepseek_dir) -> dict:
+    rng = random.Random(1)
+    prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(8)]
+    return {
+        "model": str(deepseek_dir), "checks": ["capture"], "engine_args": {},
+        "prefix": [rng.randrange(256) for _ in range(48)],
+        "tails": [[rng.randrange(256) for _ in range(5)] for _ in range(2)],
+        "prefix_new_tokens": 6,
+        "prompts": prompts, "max_new_tokens": [8 + 3 * i for i in range(len(prompts))],
+        "ignore_eos": [True] * len(prompts), "n": 2,
+    }
+
+
+@pytest.fixture(scope="module")
+def deepseek_result(deepseek_spec, tmp_path_factory) -> dict:
+    return run_driver(deepseek_spec, tmp_path_factory.mktemp("sglang_deepseek_run"))["capture"]
+
+
+@pytest.mark.slow
+def test_deepseek_v3_routing_equals_transformers_and_its_dense_layer_reads_missing(deepseek_result, deepseek_spec,
+                                                                                  deepseek_dir):
+    reference = transformers_routing(deepseek_dir)
+    dims = (DS_LAYERS, DS_TOP_K, DS_EXPERTS)
+    first, second = deepseek_result["prefix"]
+    assert first["cached_tokens"] == 0
+    assert second["cached_tokens"] >= len(deepseek_spec["prefix"]), second["cached_tokens"]
+    batch = deepseek_result["batch"]
+    n = deepseek_spec["n"]
+    assert len(batch) == n * len(deepseek_spec["prompts"])
+    for j, sample in enumerate(batch):
+        assert len(sample["output_ids"]) == deepseek_spec["max_new_tokens"][j // n], f"sample {j}"
+    for who, sample in [("prefix request 0", first), ("prefix request 1", second)] + [
+            (f"prompt {j // n}, sample {j % n}", s) for j, s in enumerate(batch)]:
+        assert_routing_matches(sample, reference, who, dims=dims, dense=DS_DENSE)
 
 
 # -- in the project's environment, without SGLang ----------------------------------------------

@@ -15,7 +15,7 @@ routing of cached tokens with their KV slots).
 On a host without an accelerator SGLang runs with ``device="cpu"``, the torch-native
 attention backend and no CUDA graphs (``cpu_engine_kwargs``), ``SGLANG_USE_CPU_ENGINE``
 unset (that switch selects SGLang's own CPU engine, which needs a CPU build of sgl-kernel),
-and two fixes from ``verl_r3.patches.sglang_cpu_0_5``. SGLang spawns its scheduler and
+and the fixes of ``verl_r3.patches.sglang_cpu_0_5``. SGLang spawns its scheduler and
 detokenizer, so those fixes reach them through SGLang's general-plugin entry point
 (``sglang.srt.plugins``): ``scripts/sglang_env.sh`` registers ``sglang_plugin`` below, which
 applies the patch in every SGLang process when ``VERL_R3_SGLANG_CPU=1``.
