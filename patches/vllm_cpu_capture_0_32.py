@@ -3,7 +3,9 @@
 What it patches
     - ``VllmConfig._verify_aux_output_compatibility``: on the CPU platform it accepts the V1
       model runner (the check still runs every other condition: generate runner, MoE model,
-      prefix caching on, and so on).
+      prefix caching on, and so on). For a model with latent attention (DeepSeek-V2/V3) whose
+      prefix caching the CPU platform turned off, it says why instead of vLLM's bare
+      "requires prefix caching": the platform keeps it only on its AMX latent-attention backend.
     - ``CPUModelRunner.initialize_kv_cache``, ``.execute_model`` and ``.sample_tokens``: they
       drive vLLM's own worker-side routing connector
       (``vllm.distributed.aux_output_connector.worker.AuxOutputWorkerConnector``) the way
@@ -478,7 +480,29 @@ def _cpu_counts_as_out_of_tree():
         cls.is_out_of_tree = original
 
 
+def _latent_attention_refusal(config) -> str | None:
+    """Why capture cannot run for a latent-attention model whose prefix caching vLLM's CPU
+    platform turned off (it does so unless that attention runs on its AMX backend); else None."""
+    if not (config.aux_output_config.enabled and getattr(config.model_config, "use_mla", False)
+            and not config.cache_config.enable_prefix_caching):
+        return None
+    import platform
+
+    import torch
+
+    amx = platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
+    backend = getattr(config.attention_config.backend, "name", None) or "default"
+    return (f"{NAME}: routing capture needs prefix caching, and vLLM's CPU build turns it off for a model with "
+            "latent attention (DeepSeek-V2/V3) unless that attention runs on its AMX backend, which needs an x86 "
+            f"CPU with AMX, bfloat16 weights, and the attention backend left to vLLM or set to AMX_MLA. Here: "
+            f"{'AMX present' if amx else 'no AMX on this CPU'}, attention backend {backend}, dtype "
+            f"{config.model_config.dtype}. Serve the model without enable_return_routed_experts, or on such a CPU")
+
+
 def _verify_aux_output_compatibility(self) -> None:
+    refusal = _latent_attention_refusal(self)
+    if refusal is not None:
+        raise ValueError(refusal)
     with _cpu_counts_as_out_of_tree():
         _originals["VllmConfig._verify_aux_output_compatibility"](self)
 

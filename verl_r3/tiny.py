@@ -1,7 +1,9 @@
 """Tiny random MoE models of every supported family, built from configs (no hub needed).
 
 Used by the tests, the benchmarks and the demo. Dense layers are included where the family
-has them (Qwen's ``mlp_only_layers``, DeepSeek-V3's ``first_k_dense_replace``).
+has them (Qwen's ``mlp_only_layers``, DeepSeek-V3's ``first_k_dense_replace``). The DeepSeek-V3
+config also carries the fields of the published one that serving engines read, so SGLang serves
+it as built (vLLM's CPU build needs its latent attention widened to the 512 + 64 it supports).
 """
 
 from __future__ import annotations
@@ -49,7 +51,13 @@ def tiny_config(family: str, *, num_experts: int = 8, **overrides) -> transforme
         kw = dict(_COMMON, moe_intermediate_size=32, n_routed_experts=num_experts, n_shared_experts=1,
                   first_k_dense_replace=1, n_group=2, topk_group=1, num_experts_per_tok=3, norm_topk_prob=True,
                   routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
-                  qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4)
+                  qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4,
+                  # Fields DeepSeek-V3's published config.json carries (its routing method, MoE layer
+                  # frequency and YaRN rope scaling), which SGLang and vLLM read when they serve it.
+                  topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                   "original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale": 1.0, "mscale_all_dim": 1.0})
         cls = transformers.DeepseekV3Config
     elif family == "gpt_oss":
         kw = dict(_COMMON, head_dim=16, num_local_experts=num_experts, sliding_window=16,

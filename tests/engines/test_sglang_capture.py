@@ -257,16 +257,14 @@ DS_LAYERS, DS_EXPERTS, DS_TOP_K, DS_DENSE = 3, 8, 3, (0,)
 
 @pytest.fixture(scope="module")
 def deepseek_dir(tmp_path_factory) -> Path:
-    """A tiny DeepSeek-V3 (first layer dense; 2 expert groups, 1 chosen; a non-zero selection bias)
-    with the fields DeepSeek-V3's own config.json carries and SGLang reads: its routing method, its
-    MoE layer frequency and YaRN rope scaling (SGLang's CPU rotary for latent attention requires it)."""
+    """verl_r3's tiny DeepSeek-V3 (first layer dense; 2 expert groups, 1 chosen; a non-zero selection
+    bias), whose config carries the fields of the published one that SGLang reads: its routing
+    method, its MoE layer frequency and YaRN rope scaling (SGLang's CPU rotary for latent attention
+    requires it)."""
     path = tmp_path_factory.mktemp("sglang_deepseek")
     tokenizer = build_tokenizer()
-    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
     model = tiny_model("deepseek_v3", num_experts=DS_EXPERTS, hidden_size=128, num_hidden_layers=DS_LAYERS,
-                       vocab_size=8 * -(-len(tokenizer) // 8), rope_parameters=rope, topk_method="noaux_tc",
-                       scoring_func="sigmoid", moe_layer_freq=1, pad_token_id=tokenizer.pad_token_id,
+                       vocab_size=8 * -(-len(tokenizer) // 8), pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     cfg = model.config
     assert (cfg.first_k_dense_replace, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (1, DS_TOP_K, 2, 1)

@@ -6,7 +6,9 @@ lengths with n=2, chunked prefill, a KV cache small enough to force preemption, 
 prefix and a second wave that hits the prefix cache, and two requests aborted mid-way. Every
 returned routing row must equal a transformers recomputation of the same tokens in fp32, for
 every (token, MoE layer) router. A second engine serves a model with 300 experts, whose routing
-vLLM returns as uint16, through verl_r3's reader and the agent-loop compaction.
+vLLM returns as uint16, through verl_r3's reader and the agent-loop compaction. A third serves a
+DeepSeek-V3 (latent attention, grouped biased sigmoid routing, a dense first layer) in bfloat16,
+the only dtype vLLM's CPU build runs latent attention in with prefix caching on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -29,6 +32,8 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from verl_r3 import RouterReplay  # noqa: E402
 from verl_r3.core.formats import from_vllm  # noqa: E402
 from verl_r3.core.record import MISSING  # noqa: E402
+from verl_r3.quickstart.model import build_tokenizer  # noqa: E402
+from verl_r3.tiny import tiny_model  # noqa: E402
 
 DRIVER = os.path.join(os.path.dirname(__file__), "vllm_capture_driver.py")
 TIMEOUT_S = 300
@@ -147,3 +152,87 @@ def test_above_256_experts_vllm_returns_uint16_that_verl_r3_reads_and_compacts()
         assert (read[:, 1] == MISSING).all() and read[:, moe].tolist() == got[:, moe].tolist()
         top = max(top, int(got.max()))
     assert top > 255  # ids past one byte did come back
+
+
+def _amx() -> bool:
+    import platform
+
+    return platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
+
+
+# A router whose k-th and (k+1)-th choice (or whose last chosen and first passed-over expert group)
+# lie closer than this in transformers' fp32 scores can go either way in a bfloat16 engine. On this
+# test's model such flips happened below 0.002 only.
+NEAR_TIE = 0.01
+
+
+def deepseek_selection(router_logits: torch.Tensor, gate, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's selection from transformers' fp32 router logits: the sorted top-k ids per token
+    and the margin by which the choice was made (the smaller of the group cut and the expert cut)."""
+    choice = router_logits.float().sigmoid() + gate.e_score_correction_bias.float()
+    per_group = cfg.n_routed_experts // cfg.n_group
+    group_scores = choice.view(-1, cfg.n_group, per_group).topk(2, dim=-1).values.sum(-1)
+    ranked = group_scores.sort(-1, descending=True).values
+    group_cut = ranked[:, cfg.topk_group - 1] - ranked[:, cfg.topk_group]
+    chosen = torch.zeros_like(group_scores, dtype=torch.bool)
+    chosen.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
+    allowed = choice.masked_fill(~chosen.repeat_interleave(per_group, dim=1), float("-inf"))
+    ranked = allowed.sort(-1, descending=True).values
+    expert_cut = ranked[:, cfg.num_experts_per_tok - 1] - ranked[:, cfg.num_experts_per_tok]
+    top = allowed.topk(cfg.num_experts_per_tok, dim=-1).indices.sort(-1).values
+    return top, torch.minimum(group_cut, expert_cut)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _amx(), reason="vLLM's CPU build keeps prefix caching (which capture needs) for latent "
+                                       "attention only on its AMX backend: an x86 CPU with AMX")
+def test_deepseek_v3_in_bfloat16_returns_transformers_routing_wherever_it_is_not_a_near_tie():
+    tokenizer = build_tokenizer()
+    # vLLM's CPU latent attention supports kv_lora_rank + qk_rope_head_dim = 576, DeepSeek-V3's own.
+    model = tiny_model("deepseek_v3", hidden_size=128, num_hidden_layers=3, vocab_size=8 * -(-len(tokenizer) // 8),
+                       q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = model.config
+    dense, moe = list(range(cfg.first_k_dense_replace)), list(range(cfg.first_k_dense_replace, 3))
+    assert dense == [0] and (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (2, 1, 3)
+    with torch.no_grad():  # spread the sigmoid scores, so that most routers are not near-ties in bfloat16
+        for layer in moe:
+            model.model.layers[layer].mlp.gate.weight.normal_(0.0, 0.2)
+    path = tempfile.mkdtemp()
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    requests = [{"prompt_ids": [(11 * i + 5 * j) % 250 + 3 for j in range(3 + 5 * i)], "max_tokens": 6 + 2 * i,
+                 "n": 2} for i in range(12)]
+    spec = {"engine": {"dtype": "bfloat16", "max_model_len": 192, "max_num_batched_tokens": 48, "max_num_seqs": 16},
+            "waves": [requests]}
+    result = run_driver(path, spec)
+
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # the bf16 weights, in fp32
+    rr = RouterReplay(reference)
+    assert sorted(rr.moe_layers) == moe
+    logits = {}
+    for layer in moe:
+        reference.model.layers[layer].mlp.gate.register_forward_hook(
+            lambda module, args, out, layer=layer: logits.__setitem__(layer, out[0]))
+    checked = near = 0
+    for c in result["waves"][0]:
+        ids = c["prompt_ids"] + c["token_ids"]
+        got = np.asarray(c["routed_experts"], dtype=np.uint8)
+        assert c["dtype"] == "uint8" and got.shape == (len(ids) - 1, 3, cfg.num_experts_per_tok)
+        assert (got[:, dense] == 0).all()  # the dense layer, never written
+        read = from_vllm(got, cfg.n_routed_experts, sample=c["request"]).to_dense()
+        assert (read[:, dense] == MISSING).all() and read[:, moe].tolist() == got[:, moe].tolist()
+        want = reference_routing(reference, rr, ids)
+        for layer in moe:
+            top, margin = deepseek_selection(logits[layer], reference.model.layers[layer].mlp.gate, cfg)
+            assert torch.equal(top, want[:, layer].long())  # the margins describe transformers' own choice
+            decided = margin >= NEAR_TIE
+            engine = torch.from_numpy(got[:, layer].astype(np.int64)).sort(-1).values
+            differ = (engine != top).any(-1) & decided
+            assert not differ.any(), (c["request"], c["index"], layer, differ.nonzero()[:5].flatten().tolist(),
+                                      margin[differ][:5].tolist())
+            checked += int(decided.sum())
+            near += int((~decided).sum())
+    # Most routers are decided by more than a near-tie, and every one of those matched exactly.
+    assert checked > 1000 and near < 0.1 * (checked + near), (checked, near)

@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ import engine_harness as H  # noqa: E402
 from patch_state import reverted  # noqa: E402
 
 from verl_r3.integration import vllm_cpu  # noqa: E402
+from verl_r3.quickstart.model import build_tokenizer  # noqa: E402
+from verl_r3.tiny import tiny_model  # noqa: E402
 
 PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_weight_sync_0_32"]
 
@@ -82,6 +85,39 @@ def test_the_entry_point_applies_the_capture_patch_and_without_it_vllm_refuses_c
         config = _engine_config(path)
         assert config.aux_output_config.enable_return_routed_experts
         assert not config.use_v2_model_runner  # the CPU build's own runner, patched
+
+
+def test_capture_on_latent_attention_without_prefix_caching_says_why(monkeypatch):
+    """vLLM's CPU platform turns prefix caching off for latent attention outside its AMX backend
+    (here: CPU_MLA asked for); capture then refuses, naming the cause, not just the missing cache."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.plugins import load_general_plugins
+
+    from verl_r3.patches import vllm_cpu_capture_0_32 as patch
+
+    tokenizer = build_tokenizer()
+    path = tempfile.mkdtemp()
+    tiny_model("deepseek_v3", hidden_size=128, vocab_size=8 * -(-len(tokenizer) // 8), kv_lora_rank=512,
+               qk_rope_head_dim=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    load_general_plugins()
+    assert patch.is_applied()
+
+    def config(capture):
+        return EngineArgs(model=path, dtype="float32", enforce_eager=True, max_model_len=128, block_size=32,
+                          attention_backend="CPU_MLA", enable_return_routed_experts=capture).create_engine_config()
+
+    assert config(False).cache_config.enable_prefix_caching is False  # the platform's doing, capture or not
+    with pytest.raises(ValueError, match=r"vllm_cpu_capture_0_32: routing capture needs prefix caching, and vLLM's "
+                                         r"CPU build turns it off for a model with latent attention .*attention "
+                                         r"backend CPU_MLA, dtype torch.float32"):
+        config(True)
+    # Without the patch's check, vLLM's own names only the missing cache.
+    monkeypatch.setattr(patch, "_latent_attention_refusal", lambda config: None)
+    with pytest.raises(ValueError, match=r"Value error, AuxOutput Connector requires prefix caching\. ") as bare:
+        config(True)
+    assert "latent attention" not in str(bare.value)
 
 
 def test_keep_weights_leaves_a_loadable_weight_after_cpu_packing():
