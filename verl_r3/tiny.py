@@ -2,8 +2,10 @@
 
 Used by the tests, the benchmarks and the demo. Dense layers are included where the family
 has them (Qwen's ``mlp_only_layers``, DeepSeek-V3's ``first_k_dense_replace``). The DeepSeek-V3
-config also carries the fields of the published one that serving engines read, so SGLang serves
-it as built (vLLM's CPU build needs its latent attention widened to the 512 + 64 it supports).
+and GPT-OSS configs also carry the fields of the published ones that serving engines read (YaRN
+rope scaling; DeepSeek-V3's routing method and MoE layer frequency), so SGLang serves the tiny
+DeepSeek-V3 as built (vLLM's CPU build needs its latent attention widened to the 512 + 64 it
+supports).
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ def tiny_config(family: str, *, num_experts: int = 8, **overrides) -> transforme
                                    "mscale": 1.0, "mscale_all_dim": 1.0})
         cls = transformers.DeepseekV3Config
     elif family == "gpt_oss":
+        # YaRN as GPT-OSS's published config sets it (factor 32 over the original context).
         kw = dict(_COMMON, head_dim=16, num_local_experts=num_experts, sliding_window=16,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                                   "beta_slow": 1.0, "truncate": False,
+                                   "original_max_position_embeddings": _COMMON["max_position_embeddings"] // 32},
                   layer_types=["sliding_attention", "full_attention", "sliding_attention"])
         cls = transformers.GptOssConfig
     else:

@@ -278,7 +278,7 @@ def deepseek_spec(deepseek_dir) -> dict:
     rng = random.Random(1)
     prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(8)]
     return {
-        "model": str(deepseek_dir), "checks": ["capture"], "engine_args": {},
+        "model": str(deepseek_dir), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},
         "prefix": [rng.randrange(256) for _ in range(48)],
         "tails": [[rng.randrange(256) for _ in range(5)] for _ in range(2)],
         "prefix_new_tokens": 6,
@@ -308,6 +308,33 @@ def test_deepseek_v3_routing_equals_transformers_and_its_dense_layer_reads_missi
     for who, sample in [("prefix request 0", first), ("prefix request 1", second)] + [
             (f"prompt {j // n}, sample {j % n}", s) for j, s in enumerate(batch)]:
         assert_routing_matches(sample, reference, who, dims=dims, dense=DS_DENSE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_mixtral_and_olmoe_return_transformers_routing(family, tmp_path):
+    """Two more families on their own engines (fp32, a radix-cache hit, n=2). OLMoE with as many KV
+    heads as query heads, as OLMoE ships: SGLang sizes its key norm by the hidden size."""
+    tokenizer = build_tokenizer()
+    model = tiny_model(family, hidden_size=128, num_attention_heads=4, vocab_size=8 * -(-len(tokenizer) // 8),
+                       num_key_value_heads=4 if family == "olmoe" else 2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rng = random.Random(2)
+    prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(6)]
+    spec = {"model": str(tmp_path / "model"), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},
+            "prefix": [rng.randrange(256) for _ in range(40)], "tails": [[rng.randrange(256)] * 2 for _ in range(2)],
+            "prefix_new_tokens": 4, "prompts": prompts, "max_new_tokens": [6 + 3 * i for i in range(len(prompts))],
+            "ignore_eos": [True] * len(prompts), "n": 2}
+    result = run_driver(spec, tmp_path)["capture"]
+    reference = transformers_routing(tmp_path / "model")
+    assert result["prefix"][1]["cached_tokens"] >= len(spec["prefix"])
+    samples = [("prefix request 0", result["prefix"][0]), ("prefix request 1", result["prefix"][1])]
+    samples += [(f"prompt {j // 2}, sample {j % 2}", s) for j, s in enumerate(result["batch"])]
+    assert len(samples) == 2 + 2 * len(prompts)
+    for who, sample in samples:
+        assert_routing_matches(sample, reference, f"{family} {who}", dims=(3, model.config.num_experts_per_tok, 8))
 
 
 # -- in the project's environment, without SGLang ----------------------------------------------

@@ -154,6 +154,41 @@ def test_above_256_experts_vllm_returns_uint16_that_verl_r3_reads_and_compacts()
     assert top > 255  # ids past one byte did come back
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "olmoe", "gpt_oss"])
+def test_every_other_family_returns_transformers_routing_for_every_router(family):
+    """The other families verl_r3 replays, each on its own engine in fp32 with n=2 and chunked prefill:
+    Qwen2-MoE (shared expert, a dense first layer), Mixtral, OLMoE and GPT-OSS (router bias,
+    sliding-window layers, YaRN), every (token, MoE layer) router equal to transformers'."""
+    tokenizer = build_tokenizer()
+    # vLLM's CPU attention takes head sizes in multiples of 32: 128 / 4 heads, and GPT-OSS's explicit one.
+    model = tiny_model(family, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=8 * -(-len(tokenizer) // 8), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       **({"head_dim": 32} if family == "gpt_oss" else {}))
+    path = tempfile.mkdtemp()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    requests = [{"prompt_ids": [(11 * i + 5 * j) % 250 + 3 for j in range(3 + 7 * i)], "max_tokens": 6 + 3 * i,
+                 "n": 2} for i in range(8)]
+    result = run_driver(path, {"engine": {"max_model_len": 192, "max_num_batched_tokens": 48, "max_num_seqs": 16},
+                               "waves": [requests]})
+    rr = RouterReplay(model)
+    moe = sorted(rr.moe_layers)
+    dense = [layer for layer in range(model.config.num_hidden_layers) if layer not in rr.moe_layers]
+    assert dense == ([0] if family == "qwen2_moe" else [])
+    compared = 0
+    for c in result["waves"][0]:
+        ids = c["prompt_ids"] + c["token_ids"]
+        got = torch.tensor(c["routed_experts"], dtype=torch.int64)
+        assert c["dtype"] == "uint8" and got.shape == (len(ids) - 1, 3, model.config.num_experts_per_tok)
+        assert (got[:, dense] == 0).all()
+        equal = (got[:, moe].sort(-1).values == reference_routing(model, rr, ids)[:, moe]).all(-1)
+        assert bool(equal.all()), (family, c["request"], c["index"], (~equal).nonzero()[:5].tolist())
+        compared += equal.numel()
+    assert compared > 1000 and len({len(c["token_ids"]) for c in result["waves"][0]}) == 8
+
+
 def _amx() -> bool:
     import platform
 
