@@ -492,9 +492,10 @@ def _latent_attention_refusal(config) -> str | None:
 
     amx = platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
     backend = getattr(config.attention_config.backend, "name", None) or "default"
-    return (f"{NAME}: routing capture needs prefix caching, and vLLM's CPU build turns it off for a model with "
-            "latent attention (DeepSeek-V2/V3) unless that attention runs on its AMX backend, which needs an x86 "
-            f"CPU with AMX, bfloat16 weights, and the attention backend left to vLLM or set to AMX_MLA. Here: "
+    return (f"{NAME}: routing capture needs prefix caching, which is off for this model with latent attention "
+            "(DeepSeek-V2/V3): vLLM's CPU build turns it off unless that attention runs on its AMX backend, "
+            "which needs an x86 CPU with AMX, bfloat16 weights, and the attention backend left to vLLM or set to "
+            "AMX_MLA. Here: "
             f"{'AMX present' if amx else 'no AMX on this CPU'}, attention backend {backend}, dtype "
             f"{config.model_config.dtype}. Serve the model without enable_return_routed_experts, or on such a CPU")
 

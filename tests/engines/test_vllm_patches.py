@@ -109,9 +109,9 @@ def test_capture_on_latent_attention_without_prefix_caching_says_why(monkeypatch
                           attention_backend="CPU_MLA", enable_return_routed_experts=capture).create_engine_config()
 
     assert config(False).cache_config.enable_prefix_caching is False  # the platform's doing, capture or not
-    with pytest.raises(ValueError, match=r"vllm_cpu_capture_0_32: routing capture needs prefix caching, and vLLM's "
-                                         r"CPU build turns it off for a model with latent attention .*attention "
-                                         r"backend CPU_MLA, dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"vllm_cpu_capture_0_32: routing capture needs prefix caching, which is "
+                                         r"off for this model with latent attention .*vLLM's CPU build turns it off "
+                                         r"unless .*attention backend CPU_MLA, dtype torch.float32"):
         config(True)
     # Without the patch's check, vLLM's own names only the missing cache.
     monkeypatch.setattr(patch, "_latent_attention_refusal", lambda config: None)
