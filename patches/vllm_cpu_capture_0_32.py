@@ -480,17 +480,23 @@ def _cpu_counts_as_out_of_tree():
         cls.is_out_of_tree = original
 
 
+def cpu_has_amx() -> bool:
+    """Whether this host can run vLLM's AMX latent-attention backend (x86 with AMX tiles), the
+    condition under which vLLM's CPU platform keeps prefix caching for latent attention."""
+    import platform
+
+    import torch
+
+    return platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
+
+
 def _latent_attention_refusal(config) -> str | None:
     """Why capture cannot run for a latent-attention model whose prefix caching vLLM's CPU
     platform turned off (it does so unless that attention runs on its AMX backend); else None."""
     if not (config.aux_output_config.enabled and getattr(config.model_config, "use_mla", False)
             and not config.cache_config.enable_prefix_caching):
         return None
-    import platform
-
-    import torch
-
-    amx = platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
+    amx = cpu_has_amx()
     backend = getattr(config.attention_config.backend, "name", None) or "default"
     return (f"{NAME}: routing capture needs prefix caching, which is off for this model with latent attention "
             "(DeepSeek-V2/V3): vLLM's CPU build turns it off unless that attention runs on its AMX backend, "

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from verl_r3 import RouterReplay  # noqa: E402
 from verl_r3.core.formats import from_vllm  # noqa: E402
 from verl_r3.core.record import MISSING  # noqa: E402
+from verl_r3.patches.vllm_cpu_capture_0_32 import cpu_has_amx  # noqa: E402
 from verl_r3.quickstart.model import build_tokenizer  # noqa: E402
 from verl_r3.tiny import tiny_model  # noqa: E402
 
@@ -189,12 +190,6 @@ def test_every_other_family_returns_transformers_routing_for_every_router(family
     assert compared > 1000 and len({len(c["token_ids"]) for c in result["waves"][0]}) == 8
 
 
-def _amx() -> bool:
-    import platform
-
-    return platform.machine() in ("x86_64", "AMD64") and bool(torch.cpu._is_amx_tile_supported())
-
-
 # A router whose k-th and (k+1)-th choice (or whose last chosen and first passed-over expert group)
 # lie closer than this in transformers' fp32 scores can go either way in a bfloat16 engine. On this
 # test's model such flips happened below 0.002 only.
@@ -219,8 +214,8 @@ def deepseek_selection(router_logits: torch.Tensor, gate, cfg) -> tuple[torch.Te
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _amx(), reason="vLLM's CPU build keeps prefix caching (which capture needs) for latent "
-                                       "attention only on its AMX backend: an x86 CPU with AMX")
+@pytest.mark.skipif(not cpu_has_amx(), reason="vLLM's CPU build keeps prefix caching (which capture needs) for "
+                                              "latent attention only on its AMX backend: an x86 CPU with AMX")
 def test_deepseek_v3_in_bfloat16_returns_transformers_routing_wherever_it_is_not_a_near_tie():
     tokenizer = build_tokenizer()
     # vLLM's CPU latent attention supports kv_lora_rank + qk_rope_head_dim = 576, DeepSeek-V3's own.
