@@ -8,9 +8,9 @@ lengths and output budgets, each sampled twice (n=2), in a KV pool small enough 
 retracts running requests and recomputes them later. Every (token, layer) router of every output must equal
 the top-k of a transformers forward over prompt + output in fp32.
 
-A second engine serves a DeepSeek-V3 model (multi-head latent attention, grouped biased
-sigmoid routing, a dense first layer) through the same cases but retraction: its routers must
-equal transformers' too, and its dense layer must read as missing.
+DeepSeek-V3 (multi-head latent attention, grouped biased sigmoid routing, a dense first layer),
+Mixtral and OLMoE get an engine each, with a radix-cache hit and n=2: their routers must equal
+transformers' too, and DeepSeek-V3's dense layer must read as missing.
 """
 
 from __future__ import annotations
@@ -250,91 +250,46 @@ def test_retracted_requests_keep_their_routing(result, spec, reference):
         assert_routing_matches(batch[j], reference, f"retracted sample {j}")
 
 
-# -- DeepSeek-V3 ---------------------------------------------------------------------------------
-
-DS_LAYERS, DS_EXPERTS, DS_TOP_K, DS_DENSE = 3, 8, 3, (0,)
-
-
-@pytest.fixture(scope="module")
-def deepseek_dir(tmp_path_factory) -> Path:
-    """verl_r3's tiny DeepSeek-V3 (first layer dense; 2 expert groups, 1 chosen; a non-zero selection
-    bias), whose config carries the fields of the published one that SGLang reads: its routing
-    method, its MoE layer frequency and YaRN rope scaling (SGLang's CPU rotary for latent attention
-    requires it)."""
-    path = tmp_path_factory.mktemp("sglang_deepseek")
-    tokenizer = build_tokenizer()
-    model = tiny_model("deepseek_v3", num_experts=DS_EXPERTS, hidden_size=128, num_hidden_layers=DS_LAYERS,
-                       vocab_size=8 * -(-len(tokenizer) // 8), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    cfg = model.config
-    assert (cfg.first_k_dense_replace, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group) == (1, DS_TOP_K, 2, 1)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def deepseek_spec(deepseek_dir) -> dict:
-    rng = random.Random(1)
-    prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(8)]
-    return {
-        "model": str(deepseek_dir), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},
-        "prefix": [rng.randrange(256) for _ in range(48)],
-        "tails": [[rng.randrange(256) for _ in range(5)] for _ in range(2)],
-        "prefix_new_tokens": 6,
-        "prompts": prompts, "max_new_tokens": [8 + 3 * i for i in range(len(prompts))],
-        "ignore_eos": [True] * len(prompts), "n": 2,
-    }
-
-
-@pytest.fixture(scope="module")
-def deepseek_result(deepseek_spec, tmp_path_factory) -> dict:
-    return run_driver(deepseek_spec, tmp_path_factory.mktemp("sglang_deepseek_run"))["capture"]
+# -- the other families SGLang's CPU paths serve -------------------------------------------------
 
 
 @pytest.mark.slow
-def test_deepseek_v3_routing_equals_transformers_and_its_dense_layer_reads_missing(deepseek_result, deepseek_spec,
-                                                                                  deepseek_dir):
-    reference = transformers_routing(deepseek_dir)
-    dims = (DS_LAYERS, DS_TOP_K, DS_EXPERTS)
-    first, second = deepseek_result["prefix"]
-    assert first["cached_tokens"] == 0
-    assert second["cached_tokens"] >= len(deepseek_spec["prefix"]), second["cached_tokens"]
-    batch = deepseek_result["batch"]
-    n = deepseek_spec["n"]
-    assert len(batch) == n * len(deepseek_spec["prompts"])
-    for j, sample in enumerate(batch):
-        assert len(sample["output_ids"]) == deepseek_spec["max_new_tokens"][j // n], f"sample {j}"
-    for who, sample in [("prefix request 0", first), ("prefix request 1", second)] + [
-            (f"prompt {j // n}, sample {j % n}", s) for j, s in enumerate(batch)]:
-        assert_routing_matches(sample, reference, who, dims=dims, dense=DS_DENSE)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
-def test_mixtral_and_olmoe_return_transformers_routing(family, tmp_path):
-    """Two more families on their own engines (fp32, a radix-cache hit, n=2). OLMoE with as many KV
-    heads as query heads, as OLMoE ships: SGLang sizes its key norm by the hidden size."""
+@pytest.mark.parametrize("family", ["deepseek_v3", "mixtral", "olmoe"])
+def test_other_families_return_transformers_routing(family, tmp_path):
+    """More families, each on its own engine in fp32: a request whose prefix comes from the radix
+    cache, then 6 prompts with n=2. DeepSeek-V3 (latent attention, a dense first layer, sigmoid scores
+    with a selection bias, 2 expert groups of which 1 is chosen) is verl_r3's tiny one, whose config
+    carries the fields of the published one that SGLang reads. OLMoE has as many KV heads as query
+    heads, as OLMoE ships: SGLang sizes its key norm by the hidden size."""
     tokenizer = build_tokenizer()
     model = tiny_model(family, hidden_size=128, num_attention_heads=4, vocab_size=8 * -(-len(tokenizer) // 8),
-                       num_key_value_heads=4 if family == "olmoe" else 2, pad_token_id=tokenizer.pad_token_id,
+                       num_key_value_heads=2 if family == "mixtral" else 4, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    cfg = model.config
+    if family == "deepseek_v3":
+        assert (cfg.first_k_dense_replace, cfg.n_group, cfg.topk_group) == (1, 2, 1)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     rng = random.Random(2)
     prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(6)]
     spec = {"model": str(tmp_path / "model"), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},
-            "prefix": [rng.randrange(256) for _ in range(40)], "tails": [[rng.randrange(256)] * 2 for _ in range(2)],
+            "prefix": [rng.randrange(256) for _ in range(40)],
+            "tails": [[rng.randrange(256) for _ in range(5)] for _ in range(2)],
             "prefix_new_tokens": 4, "prompts": prompts, "max_new_tokens": [6 + 3 * i for i in range(len(prompts))],
             "ignore_eos": [True] * len(prompts), "n": 2}
     result = run_driver(spec, tmp_path)["capture"]
+    first, second = result["prefix"]
+    assert first["cached_tokens"] == 0 and second["cached_tokens"] >= len(spec["prefix"]), second["cached_tokens"]
+    batch = result["batch"]
+    assert [len(s["output_ids"]) for s in batch] == [m for m in spec["max_new_tokens"] for _ in range(2)]
+    dims = (cfg.num_hidden_layers, cfg.num_experts_per_tok, 8)
     reference = transformers_routing(tmp_path / "model")
-    assert result["prefix"][1]["cached_tokens"] >= len(spec["prefix"])
-    samples = [("prefix request 0", result["prefix"][0]), ("prefix request 1", result["prefix"][1])]
-    samples += [(f"prompt {j // 2}, sample {j % 2}", s) for j, s in enumerate(result["batch"])]
-    assert len(samples) == 2 + 2 * len(prompts)
+    dense = tuple(layer for layer in range(cfg.num_hidden_layers) if reference(first["prompt"])[0, layer, 0] == -1)
+    assert dense == ((0,) if family == "deepseek_v3" else ())
+    samples = [("prefix request 0", first), ("prefix request 1", second)]
+    samples += [(f"prompt {j // 2}, sample {j % 2}", s) for j, s in enumerate(batch)]
     for who, sample in samples:
-        assert_routing_matches(sample, reference, f"{family} {who}", dims=(3, model.config.num_experts_per_tok, 8))
+        assert_routing_matches(sample, reference, f"{family} {who}", dims=dims, dense=dense)
 
 
 # -- in the project's environment, without SGLang ----------------------------------------------
