@@ -30,7 +30,7 @@ from verl_r3 import RouterReplay
 from verl_r3.engines import sglang_engine
 from verl_r3.patches import verl_sglang_server_0_9
 from verl_r3.quickstart.model import build_config, build_tokenizer
-from verl_r3.tiny import tiny_model
+from family_models import save_family_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("sglang_capture_driver.py")
@@ -261,15 +261,11 @@ def test_other_families_return_transformers_routing(family, tmp_path):
     with a selection bias, 2 expert groups of which 1 is chosen) is verl_r3's tiny one, whose config
     carries the fields of the published one that SGLang reads. OLMoE has as many KV heads as query
     heads, as OLMoE ships: SGLang sizes its key norm by the hidden size."""
-    tokenizer = build_tokenizer()
-    model = tiny_model(family, hidden_size=128, num_attention_heads=4, vocab_size=8 * -(-len(tokenizer) // 8),
-                       num_key_value_heads=2 if family == "mixtral" else 4, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = save_family_model(family, tmp_path / "model", hidden_size=128, num_attention_heads=4,
+                              num_key_value_heads=2 if family == "mixtral" else 4)
     cfg = model.config
     if family == "deepseek_v3":
         assert (cfg.first_k_dense_replace, cfg.n_group, cfg.topk_group) == (1, 2, 1)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     rng = random.Random(2)
     prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(6)]
     spec = {"model": str(tmp_path / "model"), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},

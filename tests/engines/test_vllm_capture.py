@@ -33,8 +33,7 @@ from verl_r3 import RouterReplay  # noqa: E402
 from verl_r3.core.formats import from_vllm  # noqa: E402
 from verl_r3.core.record import MISSING  # noqa: E402
 from verl_r3.patches.vllm_cpu_capture_0_32 import cpu_has_amx  # noqa: E402
-from verl_r3.quickstart.model import build_tokenizer  # noqa: E402
-from verl_r3.tiny import tiny_model  # noqa: E402
+from family_models import family_model, save_family_model, save_model_dir  # noqa: E402
 
 DRIVER = os.path.join(os.path.dirname(__file__), "vllm_capture_driver.py")
 TIMEOUT_S = 300
@@ -161,15 +160,10 @@ def test_every_other_family_returns_transformers_routing_for_every_router(family
     """The other families verl_r3 replays, each on its own engine in fp32 with n=2 and chunked prefill:
     Qwen2-MoE (shared expert, a dense first layer), Mixtral, OLMoE and GPT-OSS (router bias,
     sliding-window layers, YaRN), every (token, MoE layer) router equal to transformers'."""
-    tokenizer = build_tokenizer()
-    # vLLM's CPU attention takes head sizes in multiples of 32: 128 / 4 heads, and GPT-OSS's explicit one.
-    model = tiny_model(family, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                       vocab_size=8 * -(-len(tokenizer) // 8), pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       **({"head_dim": 32} if family == "gpt_oss" else {}))
     path = tempfile.mkdtemp()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # vLLM's CPU attention takes head sizes in multiples of 32: 128 / 4 heads, and GPT-OSS's explicit one.
+    model = save_family_model(family, path, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                              **({"head_dim": 32} if family == "gpt_oss" else {}))
     requests = [{"prompt_ids": [(11 * i + 5 * j) % 250 + 3 for j in range(3 + 7 * i)], "max_tokens": 6 + 3 * i,
                  "n": 2} for i in range(8)]
     result = run_driver(path, {"engine": {"max_model_len": 192, "max_num_batched_tokens": 48, "max_num_seqs": 16},
@@ -217,12 +211,10 @@ def deepseek_selection(router_logits: torch.Tensor, gate, cfg) -> tuple[torch.Te
 @pytest.mark.skipif(not cpu_has_amx(), reason="vLLM's CPU build keeps prefix caching (which capture needs) for "
                                               "latent attention only on its AMX backend: an x86 CPU with AMX")
 def test_deepseek_v3_in_bfloat16_returns_transformers_routing_wherever_it_is_not_a_near_tie():
-    tokenizer = build_tokenizer()
     # vLLM's CPU latent attention supports kv_lora_rank + qk_rope_head_dim = 576, DeepSeek-V3's own.
-    model = tiny_model("deepseek_v3", hidden_size=128, num_hidden_layers=3, vocab_size=8 * -(-len(tokenizer) // 8),
-                       q_lora_rank=64, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model, tokenizer = family_model("deepseek_v3", hidden_size=128, num_hidden_layers=3, q_lora_rank=64,
+                                    kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
+                                    num_attention_heads=2, num_key_value_heads=2)
     cfg = model.config
     dense, moe = list(range(cfg.first_k_dense_replace)), list(range(cfg.first_k_dense_replace, 3))
     assert dense == [0] and (cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (2, 1, 3)
@@ -230,8 +222,7 @@ def test_deepseek_v3_in_bfloat16_returns_transformers_routing_wherever_it_is_not
         for layer in moe:
             model.model.layers[layer].mlp.gate.weight.normal_(0.0, 0.2)
     path = tempfile.mkdtemp()
-    model.to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_model_dir(path, model, tokenizer, torch.bfloat16)
     requests = [{"prompt_ids": [(11 * i + 5 * j) % 250 + 3 for j in range(3 + 5 * i)], "max_tokens": 6 + 2 * i,
                  "n": 2} for i in range(12)]
     spec = {"engine": {"dtype": "bfloat16", "max_model_len": 192, "max_num_batched_tokens": 48, "max_num_seqs": 16},

@@ -19,8 +19,7 @@ import engine_harness as H  # noqa: E402
 from patch_state import reverted  # noqa: E402
 
 from verl_r3.integration import vllm_cpu  # noqa: E402
-from verl_r3.quickstart.model import build_tokenizer  # noqa: E402
-from verl_r3.tiny import tiny_model  # noqa: E402
+from family_models import save_family_model  # noqa: E402
 
 PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_weight_sync_0_32"]
 
@@ -95,12 +94,8 @@ def test_capture_on_latent_attention_without_prefix_caching_says_why(monkeypatch
 
     from verl_r3.patches import vllm_cpu_capture_0_32 as patch
 
-    tokenizer = build_tokenizer()
     path = tempfile.mkdtemp()
-    tiny_model("deepseek_v3", hidden_size=128, vocab_size=8 * -(-len(tokenizer) // 8), kv_lora_rank=512,
-               qk_rope_head_dim=64, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-               eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    save_family_model("deepseek_v3", path, hidden_size=128, kv_lora_rank=512, qk_rope_head_dim=64)
     load_general_plugins()
     assert patch.is_applied()
 
