@@ -8,13 +8,17 @@ What it patches (verl 0.9.1, package ``verl.workers.rollout.sglang_rollout``)
        class instantiable again.
     3. ``sglang_rollout.ServerAdapter.update_weights``: wrapped in one weight-update session
        (begin before the first bucket, end after the last) on the server's TP leader.
-    4. ``async_sglang_server.SGLangHttpServer.launch_server``: after launch, the server's
+    4. ``async_sglang_server.SGLangHttpServer.launch_server``: with routing replay it sets
+       ``VERL_R3_SGLANG_COMPACT_ROUTING=1`` (unless already set) before SGLang starts its
+       processes, whose verl_r3 plugin then keeps and sends routing compact
+       (``sglang_compact_routing_0_5``). After launch, the server's
        ``tokenizer_manager.generate_request`` (that instance only) turns
        ``meta_info["routed_experts"]`` from SGLang's base64 string into the tensor
        ``[rows, num_hidden_layers, num_experts_per_tok]`` verl reads, in the dtype vLLM returns
        routing in (``uint8`` up to 256 experts, ``uint16`` above; zeros where a layer has no
        MoE, as SGLang leaves them), so that it leaves the server at one byte per id for most
-       models rather than SGLang's four. With routing replay and ``skip_tokenizer_init=False``
+       models rather than SGLang's four. The rows must be the output's (prompt + completion - 1);
+       the width of an id follows from them. With routing replay and ``skip_tokenizer_init=False``
        it refuses to launch (``ValueError``): verl's reader on that path imports a module
        SGLang 0.5.23 no longer has.
 
@@ -55,7 +59,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import types
+import warnings
 
 from verl_r3.patches._window import check_window, installed_version
 
@@ -108,39 +114,74 @@ async def _update_weights(self, weights, *args, **kwargs):
             await self._engine.end_weight_update()
 
 
-def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_experts: int | None = None) -> None:
-    """Replace SGLang's base64 ``meta_info["routed_experts"]`` (little-endian ``int32``) by a tensor
-    ``[rows, L, K]``, in place.
+COMPACT_FLAG = "VERL_R3_SGLANG_COMPACT_ROUTING"  # verl_r3.engines.sglang_engine.COMPACT_FLAG
+
+
+def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_experts: int | None = None, *,
+                          start: int = 0) -> torch.dtype | None:
+    """Replace SGLang's base64 ``meta_info["routed_experts"]`` by a tensor ``[rows, L, K]``, in place,
+    and return the dtype it arrived in (None when there was nothing to decode).
+
+    ``rows`` comes from ``meta_info``'s token counts and ``start`` (the request's
+    ``routed_experts_start_len``); a payload of another length raises ``ValueError`` naming the
+    request. The width of an id follows from it: SGLang's ``int32``, or ``uint8`` / ``int16``
+    from ``sglang_compact_routing_0_5``.
 
     With ``num_experts`` the ids are narrowed to ``storage_dtype(num_experts)``, vLLM's own dtype
     (``uint8`` up to 256 experts, ``uint16`` above), after checking every id lies in
     ``[0, num_experts)``: an id outside raises ``ValueError`` naming the request, rather than
-    wrapping. Without it (a model type verl_r3 has no family for) they stay ``int32``."""
+    wrapping. Without it (a model type verl_r3 has no family for) they stay as they arrived."""
     encoded = meta_info.get("routed_experts")
     if not isinstance(encoded, (str, bytes)):
-        return
+        return None
     import torch
 
-    from verl_r3.core.formats import sglang_ids
+    from verl_r3.core.formats import sglang_ids, sglang_rows
     from verl_r3.core.record import storage_dtype
 
     who = f"request {meta_info.get('id')}: "
-    ids = sglang_ids(encoded, num_layers=num_layers, top_k=top_k, who=who)
+    ids = sglang_ids(encoded, num_layers=num_layers, top_k=top_k, rows=sglang_rows(meta_info, start, who=who),
+                     who=who)
+    arrived = ids.dtype
     if num_experts is not None:
         if ids.numel():
             lo, hi = (int(v) for v in torch.aminmax(ids))
             if lo < 0 or hi >= num_experts:
-                raise ValueError(f"{who}SGLang routed expert id {lo if lo < 0 else hi} is outside "
+                bad = lo if lo < 0 else hi
+                hint = " (-1 in SGLang, narrowed)" if arrived == torch.uint8 and bad == 255 else ""
+                raise ValueError(f"{who}SGLang routed expert id {bad}{hint} is outside "
                                  f"[0, {num_experts}) for a model with {num_experts} experts")
         ids = ids.to(storage_dtype(num_experts))
     meta_info["routed_experts"] = ids
+    return arrived
 
 
-def _decoding(generate_request, num_layers: int, top_k: int, num_experts: int | None):
+def _start_len(obj) -> int:
+    start = getattr(obj, "routed_experts_start_len", 0)
+    if not isinstance(start, int):
+        raise ValueError(f"verl_sglang_server_0_9: one routed_experts_start_len per request is expected, got {start!r}")
+    return start
+
+
+def _decoding(generate_request, num_layers: int, top_k: int, num_experts: int | None, compact):
+    """``generate_request`` whose outputs carry decoded routing. ``compact``: the dtype SGLang's
+    processes were asked to send (None: its ``int32``); a payload in another one warns once."""
+    warned = []
+
     async def generate_request_decoded(obj, request=None):
+        start = _start_len(obj)
         async for out in generate_request(obj, request):
             if isinstance(out, dict) and isinstance(out.get("meta_info"), dict):
-                decode_routed_experts(out["meta_info"], num_layers, top_k, num_experts)
+                arrived = decode_routed_experts(out["meta_info"], num_layers, top_k, num_experts, start=start)
+                if arrived is not None and compact is not None and arrived != compact and not warned:
+                    warned.append(arrived)
+                    # A Python warning, not a log record: verl starts SGLang with log_level="error", and SGLang
+                    # sets the root logger to that level in this process.
+                    warnings.warn(
+                        f"verl_sglang_server_0_9: SGLang sent routing as {arrived}, not the compact {compact} asked "
+                        f"of it with {COMPACT_FLAG}=1: verl_r3's SGLang plugin (entry point sglang.srt.plugins) is not "
+                        "loaded in SGLang's processes here. Routing is still read correctly, at "
+                        f"{arrived.itemsize} bytes per id inside SGLang", RuntimeWarning, stacklevel=2)
             yield out
 
     generate_request_decoded.__wrapped__ = generate_request
@@ -168,12 +209,21 @@ async def _launch_server(self, *args, **kwargs):
             "verl_sglang_server_0_9: actor_rollout_ref.rollout.skip_tokenizer_init=False with routing replay: "
             "verl 0.9 then reads SGLang's routing through sglang.srt.layers.moe.routed_experts_capturer, which "
             "SGLang 0.5.23 removed; keep skip_tokenizer_init=True (verl's default)")
+    compact = None
+    if self.config.enable_rollout_routing_replay:
+        # Read by verl_r3's plugin in the SGLang processes this launch starts (they inherit it).
+        os.environ.setdefault(COMPACT_FLAG, "1")
+        hf = self.model_config.hf_config
+        experts = _num_experts(hf)
+        if os.environ[COMPACT_FLAG] == "1" and experts is not None:
+            from verl_r3.core.formats import sglang_compact_dtype
+
+            compact = sglang_compact_dtype(experts)
     result = await _originals["launch_server"](self, *args, **kwargs)
     manager = getattr(self, "tokenizer_manager", None)
     if manager is not None and self.config.enable_rollout_routing_replay:
-        hf = self.model_config.hf_config
         manager.generate_request = _decoding(manager.generate_request, hf.num_hidden_layers, hf.num_experts_per_tok,
-                                             _num_experts(hf))
+                                             experts, compact)
     return result
 
 

@@ -36,6 +36,29 @@ def test_memory_figures_are_the_sizes_of_the_tensors_the_code_stores():
     assert ours["store_over_unpadded"] == pytest.approx(sum(p + q for p, q in LENGTHS) / sum(p + q - 1 for p, q in LENGTHS))
 
 
+@pytest.mark.parametrize("experts,compact,server", [(16, torch.uint8, torch.uint8), (256, torch.int16, torch.uint8),
+                                                     (300, torch.int16, torch.uint16)])
+def test_transport_figures_are_the_sizes_of_what_each_engine_sends(experts, compact, server):
+    """The longest sample's routing as SGLang sends it (int32 rows and their base64), as SGLang sends
+    it with compact routing, as verl's server hands it on; and an SGLang host buffer of 100 KV slots."""
+    import base64
+
+    from verl_r3.patches.sglang_compact_routing_0_5 import compact_ids
+
+    r = memory.run(**dict(SMALL, experts=experts), lengths=LENGTHS, kv_slots=100)
+    t = r["transport"]
+    assert t["tokens"] == 80 and t["kv_slots"] == 100
+    rows = torch.randint(0, experts, (79, 3, 2), dtype=torch.int32)  # the 80-token sample's N - 1 rows
+    sent = {"sglang": rows, "sglang_compact": compact_ids(rows, experts, compact), "server": rows.to(server)}
+    for name, tensor in sent.items():
+        form = t["forms"][name]
+        assert form["dtype"] == str(tensor.dtype).removeprefix("torch.")
+        assert form["sample_bytes"] == tensor.nbytes and form["bytes_per_id"] == tensor.element_size()
+        if name != "server":
+            assert form["base64_bytes"] == len(base64.b64encode(tensor.numpy().tobytes()))
+            assert form["host_buffer_bytes"] == torch.empty((100, 3, 2), dtype=tensor.dtype).nbytes
+
+
 def test_memory_over_256_experts_is_two_bytes_and_bad_input_is_refused():
     r = memory.run(**dict(SMALL, experts=300), lengths=LENGTHS)
     assert r["layouts"]["verl_r3"]["dtype"] == "int16" and r["bytes_per_id"] == 2.0
@@ -50,6 +73,7 @@ def test_memory_cli_paper_shape(capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["shape"]["layers"] == 48 and r["shape"]["samples"] == 2048 and r["layouts"]["verl_r3"]["dtype"] == "uint8"
     assert set(r["layouts"]) == {"verl_padded", "verl", "verl_r3"}
+    assert r["transport"]["kv_slots"] == 1_000_000 and r["transport"]["forms"]["sglang_compact"]["bytes_per_id"] == 1
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "memory", "--dp", "0"])
     assert exit_.value.code == 2 and "--dp: must be a positive integer" in capsys.readouterr().err

@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log-normal spread of the response lengths (default 0.8)")
     memory.add_argument("--mini-batches", type=_positive, default=8, help="PPO mini-batches per step (default 8)")
     memory.add_argument("--seed", type=int, default=0, help="random seed of the lengths (default 0)")
+    memory.add_argument("--kv-slots", type=_positive, default=1_000_000,
+                        help="KV slots of the SGLang engine whose routing host buffer is sized (default 1000000)")
     memory.set_defaults(func=_bench_memory)
 
     e2e = benches.add_parser(
@@ -333,7 +335,8 @@ def _bench_memory(args: argparse.Namespace) -> int:
         result = memory.run(layers=args.layers, experts=args.experts, top_k=args.top_k, prompts=args.prompts, n=args.n,
                             dp=args.dp, max_prompt=args.max_prompt, max_response=args.max_response,
                             max_token_len=args.max_token_len, response_median=args.response_median,
-                            response_sigma=args.response_sigma, mini_batches=args.mini_batches, seed=args.seed)
+                            response_sigma=args.response_sigma, mini_batches=args.mini_batches, seed=args.seed,
+                            kv_slots=args.kv_slots)
     except ValueError as exc:
         print(f"verl-r3 bench memory: error: {exc}", file=sys.stderr)
         return 2

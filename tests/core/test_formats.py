@@ -13,6 +13,9 @@ from verl_r3.core.formats import (
     from_sglang,
     from_verl_batch,
     from_vllm,
+    sglang_compact_dtype,
+    sglang_ids,
+    sglang_rows,
     to_nested,
     to_sglang,
     to_verl_batch,
@@ -189,6 +192,49 @@ def test_sglang_errors():
         from_sglang("é", **kwargs)
     with pytest.raises(ValueError, match="sample 4, row 0, layer 0: expert id >= num_experts=2"):
         from_sglang(base64.b64encode(raw), num_layers=2, top_k=4, num_experts=2, sample=4)
+
+
+@pytest.mark.parametrize("dtype,width", [("<u1", 1), ("<i2", 2), ("<i4", 4)])
+def test_sglang_width_follows_from_the_rows(dtype, width):
+    """SGLang's own int32, and the compact forms of sglang_compact_routing_0_5, told apart by the rows."""
+    routed = _routing(5, 3, 2, 200, missing=0.2, dense=(1,), seed=6)
+    native = routed.clamp(min=0)  # SGLang's zero rows
+    raw = native.numpy().astype(dtype).tobytes()
+    assert len(raw) == 5 * 3 * 2 * width
+    ids = sglang_ids(base64.b64encode(raw), num_layers=3, top_k=2, rows=5)
+    assert ids.dtype == {1: torch.uint8, 2: torch.int16, 4: torch.int32}[width]
+    assert torch.equal(ids.to(torch.int32), native)
+    record = from_sglang(base64.b64encode(raw), num_layers=3, top_k=2, num_experts=200, rows=5, start=2)
+    assert (record.start, record.rows) == (2, 5)
+    assert torch.equal(record.to_dense(dtype=torch.int32), routed)
+
+
+def test_sglang_rows_and_widths_that_do_not_fit():
+    assert sglang_rows({"prompt_tokens": 7, "completion_tokens": 4}) == 10
+    assert sglang_rows({"prompt_tokens": 7, "completion_tokens": 4}, 6) == 4
+    assert sglang_rows({"prompt_tokens": 7, "completion_tokens": 4}, 50) == 0  # SGLang caps the start
+    assert sglang_rows({"prompt_tokens": 1, "completion_tokens": 0}) == 0
+    with pytest.raises(ValueError, match="r1: SGLang meta_info has no usable prompt_tokens"):
+        sglang_rows({"prompt_tokens": 7}, who="r1: ")
+    with pytest.raises(ValueError, match="routed_experts_start_len must be non-negative"):
+        sglang_rows({"prompt_tokens": 7, "completion_tokens": 4}, -1)
+    raw = bytes(3 * 4 * 2 * 3)  # 3 bytes per id for 3 rows: no width
+    with pytest.raises(ValueError, match=r"sample 5: .*72 bytes for 3 rows x num_layers=4 x top_k=2 ids: not 1, 2 "):
+        from_sglang(base64.b64encode(raw), num_layers=4, top_k=2, num_experts=8, rows=3, sample=5)
+    with pytest.raises(ValueError, match="is empty, but the output has 2 routed rows"):
+        sglang_ids("", num_layers=4, top_k=2, rows=2)
+    assert sglang_ids("", num_layers=4, top_k=2, rows=0).shape == (0, 4, 2)
+    # Without rows, SGLang's own int32: a one-byte payload of 8 rows reads as 2 rows of other ids.
+    one_byte = base64.b64encode(bytes(range(64)))
+    assert sglang_ids(one_byte, num_layers=4, top_k=2).shape == (2, 4, 2)
+    assert sglang_ids(one_byte, num_layers=4, top_k=2, rows=8).flatten().tolist() == list(range(64))
+
+
+def test_sglang_compact_dtype():
+    assert [sglang_compact_dtype(e) for e in (1, 128, 255, 256, 384, 32767, 32768)] == [
+        torch.uint8, torch.uint8, torch.uint8, torch.int16, torch.int16, torch.int16, None]
+    with pytest.raises(ValueError, match="positive"):
+        sglang_compact_dtype(0)
 
 
 # -- verl batch layout ----------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Usage: python sglang_capture_driver.py SPEC_JSON. Writes one JSON object to stdout (the last
 line); SGLang's own logs go to stderr. With the checkout on PYTHONPATH.
 
-SPEC_JSON holds ``model`` (a model directory), ``checks`` (a list of "patch", "weight_sync",
+SPEC_JSON holds ``model`` (a model directory), ``checks`` (a list of "patch", "compact", "weight_sync",
 "verl_server", "capture") and,
-for "capture": ``engine_args`` (extra ``sglang.Engine`` arguments), ``prefix`` / ``tails`` / ``prefix_new_tokens`` (two
+for "capture": ``engine_args`` (extra ``sglang.Engine`` arguments), ``compact_routing`` (``start_cpu_engine``'s,
+default true), ``prefix`` / ``tails`` / ``prefix_new_tokens`` (two
 requests sharing a long prefix, sent one after the other) and ``prompts`` /
 ``max_new_tokens`` / ``ignore_eos`` / ``n`` (one concurrent batch with parallel sampling).
 """
@@ -64,6 +65,24 @@ def patch_checks() -> dict:
     return out
 
 
+def compact_checks() -> dict:
+    """apply()/revert() of sglang_compact_routing_0_5 against the installed SGLang: which module's
+    functions the routed-experts capturer runs."""
+    from sglang.srt.state_capturer.routed_experts import RoutedExpertsCapturer
+
+    from verl_r3.engines.sglang_engine import compact_routing_patch
+
+    patch = compact_routing_patch()
+
+    def owners():
+        return [RoutedExpertsCapturer.__init__.__module__, RoutedExpertsCapturer._get_local_slice.__module__]
+
+    out = {"before": owners(), "apply": [patch.apply(), patch.apply()], "applied": owners()}
+    out["revert"] = [patch.revert(), patch.revert()]
+    out["after"] = owners()
+    return out
+
+
 def weight_sync_checks() -> dict:
     """sglang_cpu_weight_sync_0_5: a CPU tensor survives SGLang's patched reducers only with the patch."""
     import io
@@ -118,24 +137,33 @@ def verl_server_checks() -> dict:
     out["server_args_fields"] = "enable_weights_cpu_backup" in names
     ids = np.arange(2 * 3 * 2, dtype="<i4")
 
-    def decoded(values, num_experts):
-        meta = {"id": "req-7", "routed_experts": base64.b64encode(np.asarray(values, dtype="<i4").tobytes()).decode()}
+    def decoded(values, num_experts, dtype="<i4", start=0):
+        # Two rows: a prompt of 2 tokens and 1 generated, or more prompt tokens and a later start.
+        meta = {"id": "req-7", "prompt_tokens": 2 + start, "completion_tokens": 1,
+                "routed_experts": base64.b64encode(np.asarray(values).astype(dtype).tobytes()).decode()}
         try:
-            patch.decode_routed_experts(meta, 3, 2, num_experts)
+            arrived = patch.decode_routed_experts(meta, 3, 2, num_experts, start=start)
         except ValueError as exc:
             return str(exc)
-        return str(meta["routed_experts"].dtype), meta["routed_experts"].tolist()
+        return str(meta["routed_experts"].dtype), meta["routed_experts"].tolist(), str(arrived)
 
     out["decoded"] = decoded(ids, None)
     out["decoded_narrow"] = {str(e): decoded(ids, e) for e in (12, 256, 300)}
     out["decoded_wide_id"] = decoded(np.r_[ids[:-1], 299], 300)
-    out["decoded_bad"] = [decoded(np.r_[ids[:-1], 12], 12), decoded(np.r_[-1, ids[1:]], 12)]
+    # What sglang_compact_routing_0_5 sends: one byte per id (two above 255 experts).
+    out["decoded_compact"] = [decoded(ids, 12, "<u1"), decoded(ids, None, "<u1", start=5), decoded(ids, 300, "<i2")]
+    out["decoded_bad"] = [decoded(np.r_[ids[:-1], 12], 12), decoded(np.r_[-1, ids[1:]], 12),
+                          decoded(np.r_[-1, ids[1:]], 12, "<u1"), decoded(np.r_[-1, ids[1:]], 300, "<i2")]
     for encoded in ("AAAA*", base64.b64encode(ids[:-1].tobytes()).decode()):
-        meta = {"id": "req-8", "routed_experts": encoded}
+        meta = {"id": "req-8", "prompt_tokens": 2, "completion_tokens": 1, "routed_experts": encoded}
         try:
             patch.decode_routed_experts(meta, 3, 2, 12)
         except ValueError as exc:
             out["decoded_bad"].append(str(exc))
+    try:  # SGLang's meta_info always has the token counts; without them the rows are unknown
+        patch.decode_routed_experts({"id": "req-9", "routed_experts": base64.b64encode(ids.tobytes()).decode()}, 3, 2)
+    except ValueError as exc:
+        out["decoded_bad"].append(str(exc))
     from transformers import AutoConfig
 
     moe = AutoConfig.for_model("qwen3_moe", num_hidden_layers=3, num_experts=12, num_experts_per_tok=2)
@@ -161,7 +189,8 @@ def capture(spec: dict) -> dict:
     from verl_r3.engines.sglang_engine import start_cpu_engine
 
     t0 = time.monotonic()
-    engine = start_cpu_engine(spec["model"], **{"random_seed": 0, "log_level": "warning", **spec["engine_args"]})
+    engine = start_cpu_engine(spec["model"], compact_routing=spec.get("compact_routing", True),
+                              **{"random_seed": 0, "log_level": "warning", **spec["engine_args"]})
     started = time.monotonic() - t0
     try:
         def request(ids, params):
@@ -171,7 +200,8 @@ def capture(spec: dict) -> dict:
             meta = out["meta_info"]
             return {"prompt": prompt, "output_ids": out["output_ids"], "routed_experts": meta["routed_experts"],
                     "cached_tokens": meta["cached_tokens"], "num_retractions": meta["num_retractions"],
-                    "prompt_tokens": meta["prompt_tokens"], "finish_reason": meta["finish_reason"]}
+                    "prompt_tokens": meta["prompt_tokens"], "completion_tokens": meta["completion_tokens"],
+                    "finish_reason": meta["finish_reason"]}
 
         prefix_runs = []
         for tail in spec["tails"]:  # one after the other: the second finds the first's prefix cached
@@ -197,6 +227,8 @@ def main() -> None:
     result = {}
     if "patch" in spec["checks"]:
         result["patch"] = patch_checks()
+    if "compact" in spec["checks"]:
+        result["compact"] = compact_checks()
     if "weight_sync" in spec["checks"]:
         result["weight_sync"] = weight_sync_checks()
     if "verl_server" in spec["checks"]:

@@ -15,6 +15,7 @@ transformers' too, and DeepSeek-V3's dense layer must read as missing.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -86,7 +87,7 @@ def spec(model_dir) -> dict:
     prompts = [[rng.randrange(vocab) for _ in range(4 + 5 * i)] for i in range(18)]
     return {
         "model": str(model_dir),
-        "checks": ["patch", "weight_sync", "verl_server", "capture"],
+        "checks": ["patch", "compact", "weight_sync", "verl_server", "capture"],
         # 18 prompts x 2 samples need about 2,900 tokens of KV at their longest. SGLang admits a
         # request on an estimate of the tokens it will still generate: all of max_new_tokens
         # with ignore_eos, else a fraction that schedule_conservativeness scales (0.05 makes it
@@ -129,13 +130,16 @@ def reference(model_dir):
     return transformers_routing(model_dir)
 
 
-def assert_routing_matches(sample: dict, reference, who: str, dims=(LAYERS, TOP_K, EXPERTS), dense=()) -> None:
+def assert_routing_matches(sample: dict, reference, who: str, dims=(LAYERS, TOP_K, EXPERTS), dense=(),
+                           id_bytes=1) -> None:
     """``sample``'s SGLang routing equals ``reference`` at every (token, layer); layers ``dense``
-    (without a router) read as missing, and verl's SGLang server hands on zeros there."""
+    (without a router) read as missing, and verl's SGLang server hands on zeros there. SGLang sent
+    ``id_bytes`` per id: 1 with compact routing (up to 255 experts), 4 without."""
     layers, top_k, experts = dims
     seq = sample["prompt"] + sample["output_ids"]
-    record = sglang_engine.routing_record({"routed_experts": sample["routed_experts"]}, num_layers=layers,
-                                          top_k=top_k, num_experts=experts)
+    meta = {key: sample[key] for key in ("routed_experts", "prompt_tokens", "completion_tokens")}
+    assert len(base64.b64decode(sample["routed_experts"])) == (len(seq) - 1) * layers * top_k * id_bytes, who
+    record = sglang_engine.routing_record(meta, num_layers=layers, top_k=top_k, num_experts=experts)
     # SGLang's rows cover positions [0, N - 1): the last sampled token is never fed back.
     assert (record.start, record.rows) == (0, len(seq) - 1), who
     moe = [layer for layer in range(layers) if layer not in dense]
@@ -149,7 +153,7 @@ def assert_routing_matches(sample: dict, reference, who: str, dims=(LAYERS, TOP_
         f"reference, first at (row, layer) {differ.nonzero()[0].tolist()}"
     )
     # verl's SGLang server (with verl_sglang_server_0_9) hands the same ids on at one byte each.
-    meta = {"id": who, "routed_experts": sample["routed_experts"]}
+    meta = {"id": who, **meta}
     verl_sglang_server_0_9.decode_routed_experts(meta, layers, top_k, experts)
     decoded = meta["routed_experts"]
     assert decoded.dtype == torch.uint8, who
@@ -179,6 +183,15 @@ def test_patch_applies_reverts_and_never_leaves_a_vllm_module_behind(result):
 
 
 @pytest.mark.slow
+def test_compact_routing_patch_applies_and_reverts(result):
+    c = result["compact"]
+    sglang, patch = "sglang.srt.state_capturer.routed_experts", "verl_r3.patches.sglang_compact_routing_0_5"
+    assert c["before"] == [sglang, sglang] and c["after"] == [sglang, sglang]
+    assert c["applied"] == [patch, patch]
+    assert c["apply"] == [True, False] and c["revert"] == [True, False]
+
+
+@pytest.mark.slow
 def test_weight_sync_patch_lets_cpu_tensors_through_sglangs_reducer(result):
     w = result["weight_sync"]
     assert w["before"].startswith("IndexError")  # SGLang's CUDA-only reducer patch, unpatched
@@ -195,16 +208,27 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
     assert v["apply"] == [True, False]
     assert v["adapter_applied"] is None and v["server_args_fields"] is True
     rows = [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
-    assert v["decoded"] == ["torch.int32", rows]  # a model type without a verl_r3 family: SGLang's int32
+    # A model type without a verl_r3 family: SGLang's int32, as it arrived.
+    assert v["decoded"] == ["torch.int32", rows, "torch.int32"]
     # vLLM's dtypes: one byte per id up to 256 experts, two above.
-    assert v["decoded_narrow"] == {"12": ["torch.uint8", rows], "256": ["torch.uint8", rows],
-                                   "300": ["torch.uint16", rows]}
-    assert v["decoded_wide_id"] == ["torch.uint16", rows[:1] + [[[6, 7], [8, 9], [10, 299]]]]
+    assert v["decoded_narrow"] == {"12": ["torch.uint8", rows, "torch.int32"],
+                                   "256": ["torch.uint8", rows, "torch.int32"],
+                                   "300": ["torch.uint16", rows, "torch.int32"]}
+    assert v["decoded_wide_id"] == ["torch.uint16", rows[:1] + [[[6, 7], [8, 9], [10, 299]]], "torch.int32"]
+    # Payloads of sglang_compact_routing_0_5, their width told by the token counts (and the request's start).
+    assert v["decoded_compact"] == [["torch.uint8", rows, "torch.uint8"], ["torch.uint8", rows, "torch.uint8"],
+                                    ["torch.uint16", rows, "torch.int16"]]
     assert v["decoded_bad"] == [
         "request req-7: SGLang routed expert id 12 is outside [0, 12) for a model with 12 experts",
         "request req-7: SGLang routed expert id -1 is outside [0, 12) for a model with 12 experts",
+        "request req-7: SGLang routed expert id 255 (-1 in SGLang, narrowed) is outside [0, 12) for a model with 12 "
+        "experts",
+        "request req-7: SGLang routed expert id -1 is outside [0, 300) for a model with 300 experts",
         "request req-8: SGLang routed_experts is not valid base64: Only base64 data is allowed",
-        "request req-8: SGLang routed_experts has 44 bytes, not a multiple of 24 (4 bytes x num_layers=3 x top_k=2)"]
+        "request req-8: SGLang routed_experts has 44 bytes for 2 rows x num_layers=3 x top_k=2 ids: not 1, 2 or 4 "
+        "bytes per id (the output's token counts and its routing disagree)",
+        "request req-9: SGLang meta_info has no usable prompt_tokens and completion_tokens (KeyError('prompt_tokens'))"
+        "; they give the number of routing rows: pass the output's meta_info whole"]
     assert v["num_experts"] == [12, None]
     refused, plain = v["launch"]
     assert refused.startswith("ValueError: verl_sglang_server_0_9: actor_rollout_ref.rollout.skip_tokenizer_init=False"
@@ -268,7 +292,10 @@ def test_other_families_return_transformers_routing(family, tmp_path):
         assert (cfg.first_k_dense_replace, cfg.n_group, cfg.topk_group) == (1, 2, 1)
     rng = random.Random(2)
     prompts = [[rng.randrange(256) for _ in range(3 + 7 * i)] for i in range(6)]
+    # Mixtral's engine runs without compact routing: SGLang's own int32 reaches the same readers.
+    compact = family != "mixtral"
     spec = {"model": str(tmp_path / "model"), "checks": ["capture"], "engine_args": {"max_total_tokens": 2048},
+            "compact_routing": compact,
             "prefix": [rng.randrange(256) for _ in range(40)],
             "tails": [[rng.randrange(256) for _ in range(5)] for _ in range(2)],
             "prefix_new_tokens": 4, "prompts": prompts, "max_new_tokens": [6 + 3 * i for i in range(len(prompts))],
@@ -285,7 +312,8 @@ def test_other_families_return_transformers_routing(family, tmp_path):
     samples = [("prefix request 0", first), ("prefix request 1", second)]
     samples += [(f"prompt {j // 2}, sample {j % 2}", s) for j, s in enumerate(batch)]
     for who, sample in samples:
-        assert_routing_matches(sample, reference, f"{family} {who}", dims=dims, dense=dense)
+        assert_routing_matches(sample, reference, f"{family} {who}", dims=dims, dense=dense,
+                               id_bytes=1 if compact else 4)
 
 
 # -- in the project's environment, without SGLang ----------------------------------------------
@@ -340,7 +368,7 @@ def test_start_refuses_without_the_plugin_or_with_sglangs_cpu_engine(monkeypatch
             sglang_engine.start_cpu_engine(str(tmp_path))
 
 
-@pytest.mark.parametrize("module", ["sglang_cpu_weight_sync_0_5", "verl_sglang_server_0_9"])
+@pytest.mark.parametrize("module", ["sglang_cpu_weight_sync_0_5", "verl_sglang_server_0_9", "sglang_compact_routing_0_5"])
 def test_sglang_patches_refuse_when_sglang_is_missing_or_outside_their_window(module, monkeypatch):
     import importlib
 
@@ -353,6 +381,43 @@ def test_sglang_patches_refuse_when_sglang_is_missing_or_outside_their_window(mo
     with pytest.raises(RuntimeError, match=r"supports sglang >=0\.5\.23,<0\.6\.0, found sglang 0\.6\.0"):
         patch.apply()
     assert not patch.is_applied()
+
+
+def test_compact_routing_keeps_ids_outside_the_experts_outside():
+    """What sglang_compact_routing_0_5 does to each step's ids before they reach the host buffer."""
+    from transformers import AutoConfig
+    from types import SimpleNamespace
+
+    patch = sglang_engine.compact_routing_patch()
+    ids = torch.tensor([[-7, -1, 0, 5], [7, 8, 300, 70000]], dtype=torch.int32)
+    narrowed = patch.compact_ids(ids, 8, torch.uint8)
+    assert narrowed.dtype == torch.uint8
+    assert narrowed.tolist() == [[255, 255, 0, 5], [7, 8, 8, 8]]  # in range unchanged; outside still >= 8
+    wide = patch.compact_ids(ids, 300, torch.int16)
+    assert wide.tolist() == [[-1, -1, 0, 5], [7, 8, 300, 300]]
+    # The dtype and expert count come from verl_r3's family of SGLang's model config.
+    qwen = AutoConfig.for_model("qwen3_moe", num_hidden_layers=2, num_experts=128, num_experts_per_tok=8)
+    assert patch.model_dtype(SimpleNamespace(hf_text_config=qwen)) == (torch.uint8, 128)
+    deepseek = AutoConfig.for_model("deepseek_v3", num_hidden_layers=2, n_routed_experts=256)
+    assert patch.model_dtype(SimpleNamespace(hf_text_config=None, hf_config=deepseek)) == (torch.int16, 256)
+    dtype, why = patch.model_dtype(SimpleNamespace(hf_text_config=AutoConfig.for_model("llama")))
+    assert dtype is None and "'llama' is not a supported MoE family" in why
+
+
+def test_routing_record_needs_the_outputs_token_counts():
+    meta = {"routed_experts": base64.b64encode(bytes(3 * LAYERS * TOP_K)).decode()}
+    with pytest.raises(ValueError, match="sample 2: SGLang meta_info has no usable prompt_tokens and completion_tokens"):
+        sglang_engine.routing_record(meta, num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS, sample=2)
+    # 3 rows of one byte per id, or 4 bytes per id with fewer tokens: each read by its own counts.
+    ids = torch.arange(3 * LAYERS * TOP_K, dtype=torch.int32).remainder(EXPERTS).reshape(3, LAYERS, TOP_K)
+    for dtype, counts in ((torch.uint8, (3, 1)), (torch.int32, (2, 2))):
+        meta = {"routed_experts": base64.b64encode(ids.to(dtype).numpy().tobytes()).decode(),
+                "prompt_tokens": counts[0], "completion_tokens": counts[1]}
+        record = sglang_engine.routing_record(meta, num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS)
+        assert torch.equal(record.to_dense().to(torch.int32), ids)
+    meta["completion_tokens"] = 3  # one row more than the routing holds
+    with pytest.raises(ValueError, match=r"has 96 bytes for 4 rows .* not 1, 2 or 4 bytes per id"):
+        sglang_engine.routing_record(meta, num_layers=LAYERS, top_k=TOP_K, num_experts=EXPERTS)
 
 
 def test_routing_record_names_a_missing_capture():

@@ -3,7 +3,8 @@
 The run uses the interpreter of ``scripts/sglang_env.sh`` (SGLang pins its own torch) with
 this checkout on PYTHONPATH, exactly as ``ROLLOUT_ENGINE=sglang make quickstart`` does:
 Ray, TransferQueue, the FSDP2 actor with ``FSDPReplayEngine``, verl's SGLang server on
-SGLang's CPU device (bf16) with native routing capture, weights synced every step.
+SGLang's CPU device (bf16) with native routing capture, kept and sent one byte per id
+(``sglang_compact_routing_0_5``), weights synced every step.
 """
 
 from __future__ import annotations
@@ -56,3 +57,7 @@ def test_r3_through_verls_sglang_server(sglang_python, tmp_path):
     assert all(g > 0 for g in series("actor/grad_norm"))
     # SGLang started from the model's weights and got the trained ones at step 2.
     assert all(c > 0.9 for c in series("training/rollout_actor_probs_pearson_corr"))
+    # verl's server launched SGLang with compact routing, and SGLang's processes sent it so: the
+    # server warns when a payload arrives in another width than the one it asked for.
+    log = Path(r["log"]).read_text(errors="replace")
+    assert "SGLang sent routing as" not in log

@@ -27,6 +27,14 @@ Layouts
     bool and an ``int64`` running count per token), and the bounded temporaries of the chunked
     validation and metrics (16 bytes per chunked id).
 
+Transport (``transport`` in ``--json``)
+    Before the store, each sample's routing travels from the rollout engine to verl's agent-loop
+    worker. For the step's longest sample, and for an SGLang engine's routing host buffer of
+    ``kv_slots`` KV slots (one row per slot), the bytes each engine's form takes: SGLang's own
+    ``int32`` rows and their base64 in ``meta_info``, the same with verl_r3's compact routing
+    (``sglang_compact_dtype``), and the rows verl's rollout server hands on (``storage_dtype``,
+    as vLLM returns them).
+
 Figures (per layout)
     ``bytes_per_id``: bytes of routing stored per (token, layer, k) of the stored rows.
     ``store_over_unpadded``: the step's stored routing over its unpadded payload, the
@@ -185,14 +193,17 @@ def run(
     response_sigma: float = 0.8,
     seed: int = 0,
     lengths: list[tuple[int, int]] | None = None,
+    kv_slots: int = 1_000_000,
 ) -> dict:
     """Routing memory of one step in each layout; see the module docstring. The defaults are a
     Qwen3-30B-A3B step of the math recipe (48 layers, 128 experts, top-8; 256 prompts x 8 samples;
-    prompts up to 2048 and responses up to 30720 tokens; 34816 tokens per micro-batch; 16 ranks)."""
+    prompts up to 2048 and responses up to 30720 tokens; 34816 tokens per micro-batch; 16 ranks),
+    with an SGLang engine of ``kv_slots`` KV slots for ``transport``."""
     if layers < 1 or top_k < 1 or experts < top_k:
         raise ValueError(f"need layers >= 1 and 1 <= top_k <= experts, got {layers}, {top_k}, {experts}")
-    if dp < 1 or prompts < 1 or n < 1 or mini_batches < 1:
-        raise ValueError(f"dp, prompts, n and mini_batches must be >= 1, got {dp}, {prompts}, {n}, {mini_batches}")
+    if dp < 1 or prompts < 1 or n < 1 or mini_batches < 1 or kv_slots < 1:
+        raise ValueError(f"dp, prompts, n, mini_batches and kv_slots must be >= 1, got {dp}, {prompts}, {n}, "
+                         f"{mini_batches}, {kv_slots}")
     if lengths is None:
         prompt_max = min(prompt_max, max_prompt)
         samples = draw_lengths(prompts * n, prompt_min=min(prompt_min, prompt_max), prompt_max=prompt_max,
@@ -223,12 +234,39 @@ def run(
         result["layouts"][layout] = _layout(layout, samples, layers=layers, top_k=top_k, experts=experts, dp=dp,
                                             max_prompt=max_prompt, max_response=max_response,
                                             max_token_len=max_token_len, mini_batches=mini_batches)
+    result["transport"] = transport(layers=layers, top_k=top_k, experts=experts, kv_slots=kv_slots,
+                                    tokens=max(p + r for p, r in samples))
     ours = result["layouts"]["verl_r3"]
     result["bytes_per_id"] = ours["bytes_per_id"]
     result["peak_over_unpadded"] = ours["peak_over_unpadded"]
     result["within_target"] = (ours["peak_over_unpadded"] <= TARGET_PEAK
                                and (experts > 256 or ours["bytes_per_id"] <= TARGET_BYTES_PER_ID))
     return result
+
+
+def _base64_bytes(nbytes: int) -> int:
+    return 4 * math.ceil(nbytes / 3)
+
+
+def transport(*, layers: int, top_k: int, experts: int, tokens: int, kv_slots: int) -> dict:
+    """Bytes of one sample's routing (``tokens - 1`` rows) in each engine's form, and of an SGLang
+    routing host buffer of ``kv_slots`` rows; see the module docstring."""
+    from verl_r3.core.formats import sglang_compact_dtype
+    from verl_r3.core.record import storage_dtype
+
+    ids = max(tokens - 1, 0) * layers * top_k
+    slots = kv_slots * layers * top_k
+    compact = sglang_compact_dtype(experts) or torch.int32
+    forms = {"sglang": torch.int32, "sglang_compact": compact, "server": storage_dtype(experts)}
+    out = {"tokens": tokens, "kv_slots": kv_slots, "forms": {}}
+    for name, dtype in forms.items():
+        width = torch.empty((), dtype=dtype).element_size()
+        form = {"dtype": str(dtype).removeprefix("torch."), "bytes_per_id": width, "sample_bytes": ids * width}
+        if name != "server":  # SGLang's forms: base64 in meta_info, and the host buffer
+            form["base64_bytes"] = _base64_bytes(ids * width)
+            form["host_buffer_bytes"] = slots * width
+        out["forms"][name] = form
+    return out
 
 
 def _gib(nbytes: float) -> str:
@@ -253,6 +291,16 @@ def format_result(result: dict) -> str:
                      f"{lay['store_over_unpadded']:16.3f}{lay['rank_over_unpadded']:15.3f}{lay['peak_over_unpadded']:15.3f}")
     ours = result["layouts"]["verl_r3"]
     lines.append(f"payload  {_gib(ours['payload_bytes'])} unpadded (one byte per id the engine returned)")
+    tr = result["transport"]
+    lines.append(f"transport  routing of the longest sample ({tr['tokens']} tokens) on its way to the agent-loop worker, "
+                 f"and an SGLang engine's routing host buffer ({tr['kv_slots']} KV slots):")
+    lines.append(f"  {'form':<16}{'dtype':>7}{'bytes/id':>10}{'sample':>11}{'base64':>11}{'host buffer':>13}")
+    labels = {"sglang": "SGLang", "sglang_compact": "SGLang compact", "server": "server -> loop"}
+    for name, form in tr["forms"].items():
+        b64 = f"{form['base64_bytes'] / 1e6:.1f} MB" if "base64_bytes" in form else "-"
+        host = _gib(form["host_buffer_bytes"]) if "host_buffer_bytes" in form else "-"
+        lines.append(f"  {labels[name]:<16}{form['dtype']:>7}{form['bytes_per_id']:10d}"
+                     f"{form['sample_bytes'] / 1e6:8.1f} MB{b64:>11}{host:>13}")
     verdict = "within" if result["within_target"] else "ABOVE"
     t = result["targets"]
     lines.append(f"verl_r3  bytes_per_id {result['bytes_per_id']:.3f} (target {t['bytes_per_id']}), peak_over_unpadded "

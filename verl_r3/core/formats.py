@@ -4,7 +4,8 @@ The routing contract (dense rows, ``MISSING``, the ``N - 1`` rows convention, ``
 is in ``verl_r3.core.record``; every converter validates through it.
 
 Producers: vLLM (``CompletionOutput.routed_experts``), SGLang (``meta_info["routed_experts"]``,
-base64 of little-endian int32), verl's padded batch (``routed_experts`` ``[B, S, L, K]``
+base64 of little-endian int32, or of one or two bytes per id where verl_r3 narrowed it inside
+SGLang), verl's padded batch (``routed_experts`` ``[B, S, L, K]``
 written by its agent loop) and verl's jagged form (``left_right_2_no_padding``).
 
 Shape suffixes: B batch, S padded positions, N rows, L layers, K top-k, E experts.
@@ -26,7 +27,9 @@ __all__ = [
     "from_sglang",
     "from_verl_batch",
     "from_vllm",
+    "sglang_compact_dtype",
     "sglang_ids",
+    "sglang_rows",
     "to_nested",
     "to_sglang",
     "to_verl_batch",
@@ -183,24 +186,73 @@ def from_sglang(
     top_k: int,
     num_experts: int,
     start: int = 0,
+    rows: int | None = None,
     sample: int | None = None,
 ) -> RoutingRecord:
-    """SGLang's ``meta_info["routed_experts"]`` (base64 of little-endian int32 ``[rows, L, K]``
-    covering positions ``[start, start + rows)``; ``start`` is the request's
-    ``routed_experts_start_len``) -> record.
+    """SGLang's ``meta_info["routed_experts"]`` (base64 of ``[rows, L, K]`` covering positions
+    ``[start, start + rows)``; ``start`` is the request's ``routed_experts_start_len``) -> record.
+
+    Without ``rows`` the payload is read as SGLang's own little-endian ``int32``. With ``rows``
+    (``sglang_rows`` of the output's ``meta_info``) the width of an id follows from the length,
+    so payloads narrowed inside SGLang (``sglang_compact_dtype``) read as well; see ``sglang_ids``.
 
     SGLang captures into a zero-initialised buffer that layers without MoE never write, so with
     ``K >= 2`` a row of ``K`` zeros is read as ``MISSING`` (a row's ids are distinct). With
     ``K == 1`` zero is expert 0."""
-    routed_NLK = zero_rows_missing(sglang_ids(b64, num_layers=num_layers, top_k=top_k, who=_who(sample)))
+    ids = sglang_ids(b64, num_layers=num_layers, top_k=top_k, rows=rows, who=_who(sample))
+    if ids.dtype == torch.uint8:
+        ids = ids.to(torch.int16)  # signed, for MISSING
+    routed_NLK = zero_rows_missing(ids)
     return RoutingRecord.from_dense(routed_NLK, num_experts, start=start, sample=sample)
 
 
-def sglang_ids(b64: str | bytes, *, num_layers: int, top_k: int, who: str = "") -> torch.Tensor:
-    """SGLang's ``meta_info["routed_experts"]`` (base64 of little-endian int32) -> a writable
-    ``int32`` tensor ``[rows, L, K]`` holding exactly what SGLang wrote (zero rows kept).
-    ``ValueError``, its message starting with ``who``, for input that is not base64 or whose
-    length is not whole rows."""
+# Bytes per id in an SGLang routing payload -> its dtype: SGLang's own int32, or verl_r3's compact forms.
+_SGLANG_WIDTHS = {1: ("<u1", torch.uint8), 2: ("<i2", torch.int16), 4: ("<i4", torch.int32)}
+
+
+def sglang_compact_dtype(num_experts: int) -> torch.dtype | None:
+    """The dtype routing of a model with ``num_experts`` experts takes inside SGLang when verl_r3
+    narrows it there (``verl_r3.patches.sglang_compact_routing_0_5``): ``uint8`` up to 255
+    experts, ``int16`` up to 32767, None (SGLang's ``int32`` kept) above.
+
+    Every id is first clamped to ``[-1, num_experts]``, so an id outside ``[0, num_experts)``
+    arrives as one too (``num_experts``, or -1: 255 in ``uint8``) and the reader's range check
+    still catches it. That needs a value of the dtype past the last expert, which is why 256
+    experts take ``int16`` here; verl's server still hands them on as ``uint8``."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be positive, got {num_experts}")
+    if num_experts <= torch.iinfo(torch.uint8).max:
+        return torch.uint8
+    if num_experts <= torch.iinfo(torch.int16).max:
+        return torch.int16
+    return None
+
+
+def sglang_rows(meta_info: dict, start: int = 0, *, who: str = "") -> int:
+    """The routing rows SGLang returns for one finished output: positions
+    ``[start, prompt + completion - 1)`` from ``meta_info``'s ``prompt_tokens`` and
+    ``completion_tokens``, ``start`` being the request's ``routed_experts_start_len`` (SGLang
+    caps it at the last position). ValueError, its message starting with ``who``, when
+    ``meta_info`` lacks the counts."""
+    try:
+        seqlen = int(meta_info["prompt_tokens"]) + int(meta_info["completion_tokens"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{who}SGLang meta_info has no usable prompt_tokens and completion_tokens ({exc!r}); "
+                         "they give the number of routing rows: pass the output's meta_info whole") from exc
+    if start < 0:
+        raise ValueError(f"{who}routed_experts_start_len must be non-negative, got {start}")
+    return max(0, seqlen - 1 - min(start, max(seqlen - 1, 0)))
+
+
+def sglang_ids(b64: str | bytes, *, num_layers: int, top_k: int, rows: int | None = None,
+               who: str = "") -> torch.Tensor:
+    """SGLang's ``meta_info["routed_experts"]`` (base64) -> a writable tensor ``[rows, L, K]``
+    holding exactly what SGLang wrote (zero rows kept), in the payload's own dtype.
+
+    Without ``rows`` the payload is SGLang's little-endian ``int32``. With ``rows`` an id takes
+    ``bytes / (rows x L x K)`` bytes: 4 (``int32``, SGLang's own), or 1 (``uint8``) or 2
+    (``int16``), the forms ``sglang_compact_dtype`` gives. ``ValueError``, its message starting
+    with ``who``, for input that is not base64 or whose length fits neither."""
     if isinstance(b64, str):
         try:
             b64 = b64.encode("ascii")
@@ -210,14 +262,32 @@ def sglang_ids(b64: str | bytes, *, num_layers: int, top_k: int, who: str = "") 
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, TypeError) as exc:
         raise ValueError(f"{who}SGLang routed_experts is not valid base64: {exc}") from exc
-    row_bytes = 4 * num_layers * top_k
-    if row_bytes <= 0 or len(raw) % row_bytes:
-        raise ValueError(
-            f"{who}SGLang routed_experts has {len(raw)} bytes, not a multiple of "
-            f"{row_bytes} (4 bytes x num_layers={num_layers} x top_k={top_k})"
-        )
-    ids = np.frombuffer(raw, dtype="<i4").astype(np.int32)  # native order, writable copy
-    return torch.from_numpy(ids).reshape(-1, num_layers, top_k)
+    ids_per_row = num_layers * top_k
+    if ids_per_row <= 0:
+        raise ValueError(f"{who}num_layers={num_layers} and top_k={top_k} must be positive")
+    if rows is None:
+        width = 4
+        if len(raw) % (width * ids_per_row):
+            raise ValueError(
+                f"{who}SGLang routed_experts has {len(raw)} bytes, not a multiple of "
+                f"{width * ids_per_row} (4 bytes x num_layers={num_layers} x top_k={top_k})"
+            )
+    elif not raw:
+        width = 4  # no rows: nothing to tell the width by, nor to read
+        if rows:
+            raise ValueError(f"{who}SGLang routed_experts is empty, but the output has {rows} routed rows")
+    else:
+        ids = rows * ids_per_row
+        width = len(raw) // ids if ids and len(raw) % ids == 0 else 0
+        if width not in _SGLANG_WIDTHS:
+            raise ValueError(
+                f"{who}SGLang routed_experts has {len(raw)} bytes for {rows} rows x num_layers={num_layers} x "
+                f"top_k={top_k} ids: not 1, 2 or 4 bytes per id (the output's token counts and its routing "
+                "disagree)"
+            )
+    numpy_dtype, torch_dtype = _SGLANG_WIDTHS[width]
+    flat = np.frombuffer(raw, dtype=numpy_dtype).astype(numpy_dtype[1:], copy=True)  # native order, writable
+    return torch.from_numpy(flat).reshape(-1, num_layers, top_k)
 
 
 def to_sglang(record: RoutingRecord) -> tuple[str, int]:

@@ -2,11 +2,14 @@
 
 Capture is SGLang's own: start the engine with ``enable_return_routed_experts=True`` and ask
 for it per request with ``return_routed_experts=True``. Each output's
-``meta_info["routed_experts"]`` is then base64 of little-endian int32 ``[rows, L, K]`` (all
-decoder layers, logical expert ids) covering positions ``[start, prompt + generated - 1)``,
-where ``start`` is the request's ``routed_experts_start_len`` (default 0; SGLang accepts
-``0 <= start <= prompt tokens``). That is exactly ``RoutingRecord`` with ``start = start``:
-``routing_record`` converts it. Multi-turn: send turn ``t`` with
+``meta_info["routed_experts"]`` is then base64 of ``[rows, L, K]`` (all decoder layers, logical
+expert ids) covering positions ``[start, prompt + generated - 1)``, where ``start`` is the
+request's ``routed_experts_start_len`` (default 0; SGLang accepts ``0 <= start <= prompt
+tokens``). SGLang's own dtype is little-endian int32; with ``VERL_R3_SGLANG_COMPACT_ROUTING=1``
+(``start_cpu_engine``'s default) the plugin below applies ``verl_r3.patches.sglang_compact_routing_0_5``
+in SGLang's processes, which keep and send it as ``uint8`` (``int16`` above 255 experts). That is
+exactly ``RoutingRecord`` with ``start = start``: ``routing_record`` converts either, telling the
+width from the output's token counts. Multi-turn: send turn ``t`` with
 ``routed_experts_start_len`` = the length of the context the previous record already
 covers (its ``end``, i.e. previous prompt + response - 1), then ``previous.stitch(new)``;
 rows of a prefix served from SGLang's radix cache are still returned (SGLang keeps the
@@ -31,14 +34,16 @@ import importlib.metadata
 import logging
 import os
 
-from verl_r3.core.formats import from_sglang
+from verl_r3.core.formats import from_sglang, sglang_rows
 from verl_r3.core.record import RoutingRecord
 
 __all__ = [
+    "COMPACT_FLAG",
     "CPU_FLAG",
     "PLUGIN_GROUP",
     "PLUGIN_NAME",
     "cpu_engine_kwargs",
+    "compact_routing_patch",
     "cpu_patch",
     "plugin_registered",
     "prepare_verl_rollout_on_cpu",
@@ -50,6 +55,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CPU_FLAG = "VERL_R3_SGLANG_CPU"
+COMPACT_FLAG = "VERL_R3_SGLANG_COMPACT_ROUTING"
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLUGIN_NAME = "verl_r3_cpu"
 PLUGIN_TARGET = "verl_r3.engines.sglang_engine:sglang_plugin"
@@ -65,12 +71,19 @@ def cpu_patch():
     return importlib.import_module("verl_r3.patches.sglang_cpu_0_5")
 
 
+def compact_routing_patch():
+    """The module ``verl_r3.patches.sglang_compact_routing_0_5`` (see ``cpu_patch``)."""
+    return importlib.import_module("verl_r3.patches.sglang_compact_routing_0_5")
+
+
 def sglang_plugin() -> None:
     """SGLang general plugin (entry point ``sglang.srt.plugins``), run early in every SGLang
-    process: applies ``sglang_cpu_0_5`` when ``VERL_R3_SGLANG_CPU=1``, else does nothing."""
-    if os.environ.get(CPU_FLAG) != "1":
-        return
-    cpu_patch().apply()
+    process: applies ``sglang_cpu_0_5`` when ``VERL_R3_SGLANG_CPU=1`` and
+    ``sglang_compact_routing_0_5`` when ``VERL_R3_SGLANG_COMPACT_ROUTING=1``; else does nothing."""
+    if os.environ.get(CPU_FLAG) == "1":
+        cpu_patch().apply()
+    if os.environ.get(COMPACT_FLAG) == "1":
+        compact_routing_patch().apply()
 
 
 def prepare_verl_rollout_on_cpu() -> None:
@@ -119,8 +132,12 @@ def cpu_engine_kwargs(model_path: str, *, dtype: str = "float32", capture: bool 
     return kwargs
 
 
-def start_cpu_engine(model_path: str, *, dtype: str = "float32", capture: bool = True, **overrides):
-    """Start ``sglang.Engine`` on the CPU with the fixes of ``sglang_cpu_0_5`` in every SGLang process.
+def start_cpu_engine(model_path: str, *, dtype: str = "float32", capture: bool = True, compact_routing: bool = True,
+                     **overrides):
+    """Start ``sglang.Engine`` on the CPU with the fixes of ``sglang_cpu_0_5`` in every SGLang process,
+    and, with ``compact_routing`` (the default), ``sglang_compact_routing_0_5``: routing kept and
+    returned one byte per id (two above 255 experts) instead of SGLang's four. ``routing_record``
+    reads both.
 
     Raises RuntimeError when the environment cannot carry the fixes into SGLang's child
     processes (plugin not registered), or when ``SGLANG_USE_CPU_ENGINE=1`` is set.
@@ -137,6 +154,7 @@ def start_cpu_engine(model_path: str, *, dtype: str = "float32", capture: bool =
             "scripts/sglang_env.sh (it registers the plugin), and keep the checkout on PYTHONPATH"
         )
     os.environ[CPU_FLAG] = "1"  # inherited by SGLang's children, whose plugin loader applies the patch
+    os.environ[COMPACT_FLAG] = "1" if compact_routing else "0"
     cpu_patch().apply()
     import sglang
 
@@ -145,16 +163,18 @@ def start_cpu_engine(model_path: str, *, dtype: str = "float32", capture: bool =
 
 def routing_record(meta_info: dict, *, num_layers: int, top_k: int, num_experts: int, start: int = 0,
                    sample: int | None = None) -> RoutingRecord:
-    """The routing of one SGLang output (its ``meta_info``) as a record covering ``[start, N - 1)``.
+    """The routing of one SGLang output (its ``meta_info``, whole) as a record covering ``[start, N - 1)``.
 
-    ``start`` must be the ``routed_experts_start_len`` the request was sent with.
+    ``start`` must be the ``routed_experts_start_len`` the request was sent with. The width of an
+    id (SGLang's ``int32``, or one or two bytes with compact routing) follows from the output's
+    ``prompt_tokens`` and ``completion_tokens``; a payload that fits neither raises ValueError.
     """
     routed = meta_info.get("routed_experts")
+    who = f"sample {sample}: " if sample is not None else ""
     if routed is None:
-        who = f"sample {sample}: " if sample is not None else ""
         raise ValueError(
             f"{who}SGLang output has no routed_experts: start the engine with enable_return_routed_experts=True "
             "and pass return_routed_experts=True to generate"
         )
     return from_sglang(routed, num_layers=num_layers, top_k=top_k, num_experts=num_experts, start=start,
-                       sample=sample)
+                       rows=sglang_rows(meta_info, start, who=who), sample=sample)
