@@ -75,6 +75,8 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
         assert not set(where["pinned"]) & set(where["worker_cpus"])
         assert set(where["pinned"]) | set(where["worker_cpus"]) <= allowed
         assert os.sched_getaffinity(0) == allowed
+    if engine == "sglang":  # verl_r3's compact routing, the default: one byte per id as SGLang sent it
+        assert result["shape"]["routing_bytes_per_id"] == [1]
     assert result["engine"] == engine and result["rounds"] == rounds and result["target"] == 0.99
     assert len(result["capture_runs"]) == len(result["plain_runs"]) == rounds
     assert result["tokens_per_s_capture"] > 0 and result["tokens_per_s_plain"] > 0
@@ -222,6 +224,8 @@ def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_er
 def test_bench_capture_stages_are_refused_outside_vllm(capsys):
     assert main(["bench", "capture", "--engine", "hf", "--stages"]) == 2
     assert "--stages is a vllm option" in capsys.readouterr().err
+    assert main(["bench", "capture", "--engine", "vllm", "--int32-routing"]) == 2
+    assert "--int32-routing is an sglang option" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("engine", ["hf", "sglang"])

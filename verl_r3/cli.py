@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="vllm: also time each routing stage inside the engines' own processes and print its "
                               "microseconds per engine step, every side beside the others, and what the routing "
                               "stages weigh against the plain engine's step")
+    capture.add_argument("--int32-routing", action="store_true",
+                         help="sglang: capture with SGLang's own int32 routing instead of verl_r3's compact routing "
+                              "(one byte per id inside SGLang)")
     capture.set_defaults(func=_bench_capture)
 
     commit = benches.add_parser(
@@ -294,7 +297,8 @@ def _bench_capture(args: argparse.Namespace) -> int:
         result = capture.run(args.engine, rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, layers=args.layers, experts=args.experts, top_k=args.top_k,
                              hidden=args.hidden, dtype=args.dtype, seed=args.seed, control=args.control,
-                             pin=False if args.no_pin else None, stages=args.stages)
+                             pin=False if args.no_pin else None, stages=args.stages,
+                             int32_routing=args.int32_routing)
     except (ValueError, RuntimeError) as exc:
         print(f"verl-r3 bench capture: error: {exc}", file=sys.stderr)
         return 2

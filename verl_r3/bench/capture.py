@@ -304,8 +304,10 @@ def _run_sglang(**kw) -> dict:
 
 def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64,
         layers: int = 4, experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32",
-        seed: int = 0, control: bool = False, pin: bool | None = None, stages: bool = False) -> dict:
-    """Measure ``engine`` and return the result dict (see the module docstring). ``pin`` (vllm only,
+        seed: int = 0, control: bool = False, pin: bool | None = None, stages: bool = False,
+        int32_routing: bool = False) -> dict:
+    """Measure ``engine`` and return the result dict (see the module docstring). ``int32_routing``
+    (sglang only) captures with SGLang's own ``int32`` routing instead of verl_r3's compact routing. ``pin`` (vllm only,
     default on) puts the front end and engine cores on the CPUs vLLM reserved for them. ``stages``
     (vllm only) also times the routing stages inside each engine's processes: the result's ``stages``
     holds, per side, ``verl_r3.patches.vllm_cpu_stage_timers_0_32.read`` of its engines, and
@@ -317,6 +319,9 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         raise ValueError(f"--no-pin is a vllm option: only vLLM's processes are pinned, not {engine}'s")
     if stages and engine != "vllm":
         raise ValueError(f"--stages is a vllm option: it times stages inside vLLM's processes, not {engine}'s")
+    if int32_routing and engine != "sglang":
+        raise ValueError(f"--int32-routing is an sglang option: only SGLang's routing is narrowed by verl_r3, not "
+                         f"{engine}'s")
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens)):
         if value < 1:
@@ -326,7 +331,7 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
     if engine == "sglang":
         return _run_sglang(rounds=rounds, prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
                            layers=layers, experts=experts, top_k=top_k, hidden=hidden, dtype=dtype, seed=seed,
-                           control=control)
+                           control=control, int32_routing=int32_routing)
     if prompt_len + new_tokens > MAX_POSITIONS:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
                          f"{MAX_POSITIONS} positions")
@@ -394,6 +399,9 @@ def format_result(result: dict) -> str:
         lines.append(f"shape    {s.get('prompts')} prompts x {s.get('prompt_len')} tokens, {s.get('new_tokens')} new "
                      f"tokens each; {s.get('layers')} layers, {s.get('experts')} experts, top-{s.get('top_k')}, "
                      f"hidden {s.get('hidden')}, {s.get('dtype')}")
+        if s.get("routing_bytes_per_id"):
+            lines.append(f"routing  {' or '.join(map(str, s['routing_bytes_per_id']))} bytes per id as the capturing "
+                         "engine sent it")
     if m:
         lines.append("machine  " + ", ".join(f"{k} {v}" for k, v in m.items() if k != "placement"))
     where = m.get("placement")

@@ -9,7 +9,9 @@ default), both on the CPU through ``verl_r3.engines.sglang_engine.start_cpu_engi
 
 * ``capture``: ``enable_return_routed_experts=True``, every request with
   ``return_routed_experts=True`` (SGLang records the top-k of every layer, gathers each
-  request's rows from its host buffer and returns them base64-encoded);
+  request's rows from its host buffer and returns them base64-encoded), with verl_r3's compact
+  routing (``start_cpu_engine``'s default: one byte per id inside SGLang) unless
+  ``int32_routing`` (``--int32-routing``); ``shape["routing_bytes_per_id"]`` is the width SGLang sent;
 * ``plain``: neither;
 * ``control`` (``--control``): a second engine without capture, timed in the same rounds
   (``control_ratio = control / plain``: how far apart two identical engines land here).
@@ -27,6 +29,7 @@ over ``rounds`` and ``ratio = capture / plain`` (1.0 = no cost). Idle engines sl
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import platform
 import signal
@@ -47,7 +50,7 @@ def _machine() -> dict:
 
 def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens: int = 64, layers: int = 4,
         experts: int = 8, top_k: int = 2, hidden: int = 128, dtype: str = "float32", seed: int = 0,
-        control: bool = False) -> dict:
+        control: bool = False, int32_routing: bool = False) -> dict:
     """Measure and return the result dict (see the module docstring)."""
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens)):
@@ -65,8 +68,9 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
         try:
             for name in sides:
                 engines[name] = start_cpu_engine(model_dir, dtype=dtype, capture=name == "capture",
-                                                 max_total_tokens=pool, sleep_on_idle=True, random_seed=seed,
-                                                 log_level="warning")
+                                                 compact_routing=not int32_routing, max_total_tokens=pool,
+                                                 sleep_on_idle=True, random_seed=seed, log_level="warning")
+            widths = set()
 
             def one(name: str, k: int) -> float:
                 capture = name == "capture"
@@ -84,6 +88,8 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
                         if rec.rows != prompt_len + new_tokens - 1:
                             raise RuntimeError(f"capture: sample {i} has {rec.rows} routing rows, expected "
                                                f"{prompt_len + new_tokens - 1}")
+                        sent = len(base64.b64decode(o["meta_info"]["routed_experts"]))
+                        widths.add(sent // (rec.rows * layers * top_k))
                 return generated / elapsed
 
             runs = shared.interleave(sides, rounds, one)
@@ -91,7 +97,8 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 64, new_tokens:
             for engine in engines.values():
                 engine.shutdown()
     shape = {"prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "layers": layers,
-             "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype}
+             "experts": experts, "top_k": top_k, "hidden": hidden, "dtype": dtype,
+             "routing_bytes_per_id": sorted(widths)}
     return shared.summary("sglang", runs, shape, _machine())
 
 
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--control", action="store_true", help="time a second engine without capture too")
+    parser.add_argument("--int32-routing", action="store_true",
+                        help="capture with SGLang's own int32 routing instead of verl_r3's compact routing")
     parser.add_argument("--timeout", type=int, default=900, help="seconds before the run gives up (default 900)")
     args = parser.parse_args(argv)
 
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                      layers=args.layers, experts=args.experts, top_k=args.top_k, hidden=args.hidden,
-                     dtype=args.dtype, seed=args.seed, control=args.control)
+                     dtype=args.dtype, seed=args.seed, control=args.control, int32_routing=args.int32_routing)
     except (ValueError, RuntimeError, TimeoutError) as exc:
         print(f"capture_sglang: error: {exc}", file=sys.stderr)
         return 1
