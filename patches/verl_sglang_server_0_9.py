@@ -148,9 +148,11 @@ def decode_routed_experts(meta_info: dict, num_layers: int, top_k: int, num_expe
             lo, hi = (int(v) for v in torch.aminmax(ids))
             if lo < 0 or hi >= num_experts:
                 bad = lo if lo < 0 else hi
-                hint = " (-1 in SGLang, narrowed)" if arrived == torch.uint8 and bad == 255 else ""
-                raise ValueError(f"{who}SGLang routed expert id {bad}{hint} is outside "
-                                 f"[0, {num_experts}) for a model with {num_experts} experts")
+                # Compact payloads were clamped to [-1, experts] inside SGLang (-1 is 255 in uint8).
+                hint = (f" (as sent compact: SGLang's ids are clamped to [-1, {num_experts}], -1 being 255 in uint8)"
+                        if arrived != torch.int32 else "")
+                raise ValueError(f"{who}SGLang routed expert id {bad} is outside "
+                                 f"[0, {num_experts}) for a model with {num_experts} experts{hint}")
         ids = ids.to(storage_dtype(num_experts))
     meta_info["routed_experts"] = ids
     return arrived

@@ -221,9 +221,10 @@ def test_verl_server_patch_against_sglang_0_5_23(result):
     assert v["decoded_bad"] == [
         "request req-7: SGLang routed expert id 12 is outside [0, 12) for a model with 12 experts",
         "request req-7: SGLang routed expert id -1 is outside [0, 12) for a model with 12 experts",
-        "request req-7: SGLang routed expert id 255 (-1 in SGLang, narrowed) is outside [0, 12) for a model with 12 "
-        "experts",
-        "request req-7: SGLang routed expert id -1 is outside [0, 300) for a model with 300 experts",
+        "request req-7: SGLang routed expert id 255 is outside [0, 12) for a model with 12 experts (as sent compact: "
+        "SGLang's ids are clamped to [-1, 12], -1 being 255 in uint8)",
+        "request req-7: SGLang routed expert id -1 is outside [0, 300) for a model with 300 experts (as sent compact: "
+        "SGLang's ids are clamped to [-1, 300], -1 being 255 in uint8)",
         "request req-8: SGLang routed_experts is not valid base64: Only base64 data is allowed",
         "request req-8: SGLang routed_experts has 44 bytes for 2 rows x num_layers=3 x top_k=2 ids: not 1, 2 or 4 "
         "bytes per id (the output's token counts and its routing disagree)",

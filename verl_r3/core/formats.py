@@ -207,7 +207,7 @@ def from_sglang(
 
 
 # Bytes per id in an SGLang routing payload -> its dtype: SGLang's own int32, or verl_r3's compact forms.
-_SGLANG_WIDTHS = {1: ("<u1", torch.uint8), 2: ("<i2", torch.int16), 4: ("<i4", torch.int32)}
+_SGLANG_WIDTHS = {1: "<u1", 2: "<i2", 4: "<i4"}
 
 
 def sglang_compact_dtype(num_experts: int) -> torch.dtype | None:
@@ -285,8 +285,8 @@ def sglang_ids(b64: str | bytes, *, num_layers: int, top_k: int, rows: int | Non
                 f"top_k={top_k} ids: not 1, 2 or 4 bytes per id (the output's token counts and its routing "
                 "disagree)"
             )
-    numpy_dtype, torch_dtype = _SGLANG_WIDTHS[width]
-    flat = np.frombuffer(raw, dtype=numpy_dtype).astype(numpy_dtype[1:], copy=True)  # native order, writable
+    little_endian = _SGLANG_WIDTHS[width]
+    flat = np.frombuffer(raw, dtype=little_endian).astype(little_endian[1:], copy=True)  # native order, writable
     return torch.from_numpy(flat).reshape(-1, num_layers, top_k)
 
 
