@@ -168,8 +168,13 @@ def test_routing_of_an_engine_is_read_in_its_own_format(models):
 
     from verl_r3.stress.check import engine_routing
 
-    sglang = {"format": "sglang", "data": base64.b64encode(rows.tobytes()).decode()}
-    assert np.array_equal(engine_routing(sglang, ref, "request 0").numpy(), rows)
+    # SGLang's payload, int32 or one byte per id (compact routing), with the token counts that tell which.
+    for width in ("<i4", "<u1"):
+        sglang = {"format": "sglang", "data": base64.b64encode(rows.astype(width).tobytes()).decode(),
+                  "prompt_tokens": 6, "completion_tokens": 4}
+        assert np.array_equal(engine_routing(sglang, ref, "request 0").numpy(), rows)
+    with pytest.raises(ValueError, match="no usable prompt_tokens and completion_tokens"):
+        engine_routing({"format": "sglang", "data": sglang["data"]}, ref, "request 0")
     assert np.array_equal(engine_routing({"format": "dense", "data": rows.astype(np.uint8).tolist()}, ref,
                                          "request 0").numpy(), rows)
     with pytest.raises(ValueError, match=r"request 0: routing of shape \(9, 4, 3\)"):

@@ -99,10 +99,7 @@ async def _vllm_samples(spec: dict, progress) -> list[dict]:
 
 
 def _sglang_samples(spec: dict, progress) -> list[dict]:
-    import base64
-
-    import numpy as np
-
+    from verl_r3.core.formats import sglang_ids, sglang_rows
     from verl_r3.engines.sglang_engine import start_cpu_engine
 
     os.environ.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # keep log-probs at the sampling temperature
@@ -120,11 +117,12 @@ def _sglang_samples(spec: dict, progress) -> list[dict]:
             results = engine.generate(input_ids=[spec["prompts"][p] for p, _ in chunk], sampling_params=params,
                                       return_logprob=True, return_routed_experts=True)
             for (p, _), r in zip(chunk, results):
-                meta = r["meta_info"]  # routing: base64 of little-endian int32 [rows, L, K]
-                rows = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype="<i4")
+                meta = r["meta_info"]  # routing: base64 [rows, L, K], one byte per id with compact routing
+                rows = sglang_ids(meta["routed_experts"], num_layers=spec["num_layers"], top_k=spec["top_k"],
+                                  rows=sglang_rows(meta), who=f"prompt {p}: ")
                 out.append({"prompt": p, "token_ids": list(r["output_ids"]),
                             "log_probs": [float(x[0]) for x in meta["output_token_logprobs"]],
-                            "routing": rows.reshape(-1, spec["num_layers"], spec["top_k"])})
+                            "routing": rows.numpy()})
                 progress()
     finally:
         engine.shutdown()

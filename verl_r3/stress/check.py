@@ -62,7 +62,9 @@ def engine_routing(routing: dict, ref: Reference, who: str) -> torch.Tensor:
     elif routing["format"] == "sglang":
         from verl_r3.engines.sglang_engine import routing_record
 
-        rows = routing_record({"routed_experts": routing["data"]}, num_layers=ref.num_layers, top_k=ref.top_k,
+        meta = {"routed_experts": routing["data"], "prompt_tokens": routing.get("prompt_tokens"),
+                "completion_tokens": routing.get("completion_tokens")}
+        rows = routing_record(meta, num_layers=ref.num_layers, top_k=ref.top_k,
                               num_experts=ref.num_experts).to_dense().long()
     else:
         raise ValueError(f"{who}: unknown routing format {routing['format']!r}")

@@ -22,7 +22,8 @@ its own environment's interpreter), which writes the result as JSON to ``OUT``. 
 keys: ``index``, ``status`` ("completed", "aborted" or "error"), ``finish`` (the engine's
 reason), ``token_ids``, ``abort_sent`` (the tokens streamed when the abort was sent, or None),
 ``routing`` (None, ``{"format": "dense", "data": [rows, L, K]}`` or ``{"format": "sglang",
-"data": base64}``), ``cached_tokens``, ``error``.
+"data": base64, "prompt_tokens": n, "completion_tokens": m}``, SGLang's payload with the token
+counts that tell its rows and the width of an id), ``cached_tokens``, ``error``.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def _serve_sglang(spec: dict, requests) -> dict:
             retractions[r.index] = int(meta.get("num_retractions") or 0)
             routing = meta.get("routed_experts")
             return _outcome(r.index, status, finish, final["output_ids"], sent,
-                            None if routing is None else {"format": "sglang", "data": routing},
+                            None if routing is None else {"format": "sglang", "data": routing,
+                                                          "prompt_tokens": meta["prompt_tokens"],
+                                                          "completion_tokens": meta["completion_tokens"]},
                             cached=int(meta.get("cached_tokens") or 0),
                             error=None if status != "error" else f"finish_reason {meta.get('finish_reason')!r}")
 
