@@ -260,7 +260,7 @@ def transport(*, layers: int, top_k: int, experts: int, tokens: int, kv_slots: i
     forms = {"sglang": torch.int32, "sglang_compact": compact, "server": storage_dtype(experts)}
     out = {"tokens": tokens, "kv_slots": kv_slots, "forms": {}}
     for name, dtype in forms.items():
-        width = torch.empty((), dtype=dtype).element_size()
+        width = dtype.itemsize
         form = {"dtype": str(dtype).removeprefix("torch."), "bytes_per_id": width, "sample_bytes": ids * width}
         if name != "server":  # SGLang's forms: base64 in meta_info, and the host buffer
             form["base64_bytes"] = _base64_bytes(ids * width)
