@@ -15,10 +15,13 @@ What it patches
     - ``AuxOutputSchedulerConnector.take_output`` (in the engine core): the rows a request accepted
       this step are read straight from the step's ``StepRouting`` (one lookup, one slice), with
       vLLM's checks; any other output goes to vLLM's own.
+    - ``AuxOutputSchedulerConnector.build_connector_meta`` (in the engine core): the same
+      metadata as vLLM's, key for key, with less work per request (``_build_connector_meta``).
     - Four parts of that path are the patch's own:
       - without data parallelism the routers' capture callback is rebound to ``StepCapturer``,
-        which keeps each layer's ids as one narrowed tensor and stacks them once per step,
-        instead of vLLM's per-layer slice write into an int32 ``[tokens, layers, top_k]`` buffer;
+        which keeps each layer's ids as the router made them and stacks and narrows them once
+        per step, instead of vLLM's per-layer slice write into an int32
+        ``[tokens, layers, top_k]`` buffer;
       - ``StepCommit`` hands the step's rows to the connector: a request decoding one token
         inside an open block has its row written with the step's others in one indexed
         assignment, decided for the whole step by array comparisons against the cursors it
@@ -33,8 +36,8 @@ What it patches
       - the step's per-request rows travel from the worker process to the engine core as one
         ``StepRouting`` (one array, pickled once) instead of a dict of small arrays.
 
-    Everything downstream is vLLM's unchanged, that ``take_output`` aside: the scheduler-side
-    connector's metadata and request finishing, the block-keyed routing store kept beside the
+    Everything downstream is vLLM's unchanged, those two methods aside: the scheduler-side
+    connector's request finishing, the block-keyed routing store kept beside the
     prefix cache (so prefix-cache hits get the routing of the step that computed them) and the
     output processor that fills ``CompletionOutput.routed_experts``. The result therefore has
     exactly the native layout: a numpy array ``[prompt + generated - 1, layers, top_k]`` of uint8
@@ -85,9 +88,12 @@ _originals: dict[str, object] = {}  # "Class.method" -> original function, while
 
 
 class StepCapturer:
-    """The routing of the current forward, one tensor per MoE layer as the router produced it
-    (narrowed to the output dtype); ``snapshot_routing_data`` stacks them into the step's
-    ``[tokens, layers, top_k]`` rows and starts the next forward empty.
+    """The routing of the current forward, one tensor per MoE layer, kept as the router produced it;
+    ``snapshot_routing_data`` stacks them into the step's ``[tokens, layers, top_k]`` rows, narrows
+    those to the output dtype, and starts the next forward empty. That is two tensor operations a
+    step whatever the number of layers (narrowing each layer as it routes costs one more per layer).
+    The router makes a new ids tensor each call and nothing writes to it afterwards; the tests
+    against transformers would show a layer's rows overwritten by another's.
 
     Stands in for vLLM's ``RoutedExpertsCapturer`` where that one only copies: a single data
     parallel rank (no rows of other ranks to cut out). Layers that never routed (dense layers)
@@ -103,7 +109,7 @@ class StepCapturer:
         if not 0 <= layer_id < len(self._layers):
             raise IndexError(f"{NAME}: routed-experts layer {layer_id} is outside the model's "
                              f"{len(self._layers)} layers")
-        self._layers[layer_id] = topk_ids.to(self.output_dtype)
+        self._layers[layer_id] = topk_ids
 
     def snapshot_routing_data(self, num_tokens: int):
         import torch
@@ -124,7 +130,7 @@ class StepCapturer:
                     blank = present[0].new_zeros((num_tokens, self.shape_per_token[1]))
                 t = blank
             rows.append(t if t.shape[0] == num_tokens else t[:num_tokens])
-        return torch.stack(rows, dim=1)
+        return torch.stack(rows, dim=1).to(self.output_dtype)
 
 
 _AuxRequestOutput = None  # vLLM's per-request output class, imported with the first StepRouting
@@ -584,6 +590,53 @@ def _sample_tokens(self, grammar_output, *args, **kwargs):
     return result
 
 
+_Metadata = None  # vLLM's AuxOutputConnectorMetadata, imported with the first step's metadata
+
+
+def _build_connector_meta(self, scheduler_output, requests):
+    """vLLM's scheduler-side ``build_connector_meta`` (each scheduled request's routing start, the
+    block hashes the worker has not seen, the requests that finished), built with less work per
+    request: a request's hashes are packed only when it has new ones (vLLM packs, or finds nothing
+    to pack, for every request every step), and a request that has sampled starts at its last
+    token without reading its prompt start (which cannot lie past it). The metadata is vLLM's, key
+    for key and in the same order; the hash packing, the refusal of a shrunk hash history and the
+    steps for requests not scheduled are vLLM's own."""
+    global _Metadata
+    if _Metadata is None:
+        from vllm.distributed.aux_output_connector.connector import AuxOutputConnectorMetadata as _Metadata
+    sent, pack = self._sent_hash_counts, self._pack_new_hashes
+    starts, hashes = {}, {}
+    for request_id in scheduler_output.num_scheduled_tokens:
+        request = requests[request_id]
+        block_hashes = request.block_hashes
+        num_sent = sent.get(request_id)
+        if num_sent is None or num_sent != len(block_hashes):
+            packed = pack(block_hashes, num_sent or 0)
+            if packed is not None:
+                hashes[request_id] = packed
+            sent[request_id] = len(block_hashes)
+        params = request.sampling_params
+        if params is None:
+            raise RuntimeError(f"{NAME}: request {request_id} has no sampling parameters; routing capture serves "
+                               "generation requests only")
+        emitted = request.num_tokens - 1 if request.num_output_tokens else 0
+        first = min(params.routed_experts_prompt_start, request.num_prompt_tokens)
+        starts[request_id] = first if first > emitted else emitted
+    if len(sent) != len(starts):
+        # A settled token can complete a block of a request that was not scheduled this step.
+        for request_id, num_sent in sent.items():
+            if request_id in starts:
+                continue
+            request = requests[request_id]
+            packed = pack(request.block_hashes, num_sent)
+            if packed is not None:
+                hashes[request_id] = packed
+                sent[request_id] = len(request.block_hashes)
+    finished, self._finished_requests = self._finished_requests, {}
+    hashes.update((request_id, h) for request_id, h in finished.items() if h is not None)
+    return _Metadata(self._generation, starts, hashes, tuple(finished))
+
+
 def _take_output(self, request, output):
     """vLLM's scheduler-side ``take_output`` (the rows one request accepted this step) read straight
     from a ``StepRouting``: a position lookup and one slice, where the ``Mapping`` path builds a
@@ -619,6 +672,8 @@ def _targets():
         "CPUModelRunner.initialize_kv_cache": (CPUModelRunner, "initialize_kv_cache", _initialize_kv_cache),
         "CPUModelRunner.execute_model": (CPUModelRunner, "execute_model", _execute_model),
         "CPUModelRunner.sample_tokens": (CPUModelRunner, "sample_tokens", _sample_tokens),
+        "AuxOutputSchedulerConnector.build_connector_meta": (AuxOutputSchedulerConnector, "build_connector_meta",
+                                                             _build_connector_meta),
         "AuxOutputSchedulerConnector.take_output": (AuxOutputSchedulerConnector, "take_output", _take_output),
     }
 

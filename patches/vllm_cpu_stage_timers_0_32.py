@@ -77,7 +77,7 @@ STAGES: dict[str, tuple[str, str, str, str]] = {
                       "scheduling (and routing metadata when capturing)"),
     "core.build_connector_meta": ("engine core", f"{_CONNECTOR}.connector",
                                   "AuxOutputSchedulerConnector.build_connector_meta",
-                                  "vLLM's scheduler connector: the step's metadata"),
+                                  "scheduler connector: the step's metadata"),
     "core.update_from_output": ("engine core", "vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
                                 "taking the step's outputs (and rows when capturing)"),
     "core.take_output": ("engine core", f"{_CONNECTOR}.connector", "AuxOutputSchedulerConnector.take_output",

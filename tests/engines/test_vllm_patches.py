@@ -53,7 +53,8 @@ def test_apply_and_revert_are_idempotent_and_restore_the_originals(patch_module)
 
     names = [(VllmConfig, "_verify_aux_output_compatibility"), (CPUModelRunner, "initialize_kv_cache"),
              (CPUModelRunner, "execute_model"), (CPUModelRunner, "sample_tokens"),
-             (AuxOutputSchedulerConnector, "take_output"), (utils, "dispatch_cpu_unquantized_gemm")]
+             (AuxOutputSchedulerConnector, "take_output"), (AuxOutputSchedulerConnector, "build_connector_meta"),
+             (utils, "dispatch_cpu_unquantized_gemm")]
     before = [(owner, name, vars(owner).get(name)) for owner, name in names]
     assert patch_module.apply() is True and patch_module.apply() is False and patch_module.is_applied()
     changed = [name for owner, name, was in before if vars(owner).get(name) is not was]
@@ -271,6 +272,93 @@ def test_take_output_reads_a_step_routing_as_vllms_take_output_reads_its_dict():
         for bad in (request("req-1", 72), request("req-3", 11, finished=True)):
             with pytest.raises(AssertionError):
                 vllm_take(connector, bad, outputs)  # vLLM refuses the same
+
+
+def _meta_items(meta) -> tuple:
+    """A step's metadata with every dict as its items in order (dict equality ignores order)."""
+    return (meta.generation, list(meta.requests.items()),
+            [(rid, h.data, h.item_size) for rid, h in meta.block_hashes.items()], meta.finished_requests)
+
+
+def test_build_connector_meta_gives_vllms_metadata_in_vllms_order():
+    """The patch's scheduler-side metadata equals vLLM's, key for key and in order, at every step of a
+    random schedule: requests whose routing starts before, inside, at the end of and past their prompts,
+    chunked prefill, decoding, block hashes that grow for scheduled requests and for requests left out
+    of a step, requests that finish (with new hashes and without) or are preempted and come back, and a
+    prefix-cache reset. A shrunk hash history is refused as vLLM refuses it, a request without sampling
+    parameters with an error naming it."""
+    import random
+    from types import SimpleNamespace
+
+    from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector
+
+    from verl_r3.bench.vllm_commit import SimRequest
+    from verl_r3.patches import vllm_cpu_capture_0_32 as patch
+
+    with reverted(patch):
+        vllm_build = AuxOutputSchedulerConnector.build_connector_meta  # vLLM's own
+    rnd = random.Random(3)
+    theirs, ours = AuxOutputSchedulerConnector(), AuxOutputSchedulerConnector()
+    requests, live, waiting = {}, [], []
+    seen = {"tail_hashes": 0, "finished_hashes": 0, "finished_bare": 0, "starts_in_prompt": 0, "resets": 0,
+            "preempted": 0}
+    for step in range(600):
+        if len(live) < 6 and rnd.random() < 0.4:
+            if waiting and rnd.random() < 0.5:
+                req = waiting.pop(0)
+            else:
+                req = SimRequest(f"r{step}", [rnd.randrange(1, 250) for _ in range(rnd.randrange(1, 3 * BLOCK))],
+                                 rnd.randrange(1, 3 * BLOCK), BLOCK)
+                prompt = req.num_prompt_tokens
+                req.sampling_params.routed_experts_prompt_start = rnd.choice([0, 1, prompt // 2, prompt, prompt + 5])
+            req.num_computed = 0
+            requests[req.request_id] = req
+            live.append(req)
+        if step % 150 == 75:  # a prefix-cache reset: hashes are sent again under a new generation
+            theirs.reset(), ours.reset()
+            seen["resets"] += 1
+        scheduled = {}
+        for req in live:
+            if rnd.random() < 0.8:
+                scheduled[req.request_id] = rnd.randrange(1, req.num_tokens - req.num_computed + 1)
+        step_output = SimpleNamespace(num_scheduled_tokens=scheduled)
+        want, got = vllm_build(theirs, step_output, requests), patch._build_connector_meta(ours, step_output, requests)
+        assert _meta_items(got) == _meta_items(want), step
+        assert theirs._sent_hash_counts == ours._sent_hash_counts and not ours._finished_requests, step
+        seen["tail_hashes"] += any(rid not in want.requests and rid not in want.finished_requests
+                                   for rid in want.block_hashes)
+        seen["finished_hashes"] += any(rid in want.block_hashes for rid in want.finished_requests)
+        seen["finished_bare"] += any(rid not in want.block_hashes for rid in want.finished_requests)
+        seen["starts_in_prompt"] += any(0 < start < requests[rid].num_prompt_tokens and not requests[rid].num_computed
+                                        for rid, start in want.requests.items())
+        for req in live:
+            if req.request_id in scheduled:
+                req.num_computed += scheduled[req.request_id]
+                if req.num_computed == req.num_tokens:  # the step sampled a token
+                    req.tokens.append(rnd.randrange(1, 250))
+            elif rnd.random() < 0.3 and req.num_computed == req.num_tokens - 1 and req.num_output_tokens:
+                req.tokens.append(rnd.randrange(1, 250))  # a token settled after the step was scheduled
+        for req in list(live):
+            if req.num_output_tokens >= req.max_new or rnd.random() < 0.03:
+                live.remove(req)
+                theirs.request_finished(req), ours.request_finished(req)
+                if req.num_output_tokens < req.max_new:
+                    waiting.append(req)  # preempted: it comes back and starts over
+                    seen["preempted"] += 1
+    assert all(n >= 3 for n in seen.values()), sorted(seen.items())
+
+    req = SimRequest("short", [1, 2, 3, 4, 5], 3, BLOCK)
+    for connector in (theirs, ours):
+        connector._sent_hash_counts["short"] = 2  # more hashes sent than the request has
+    with pytest.raises(AssertionError, match="shrank"):
+        vllm_build(theirs, SimpleNamespace(num_scheduled_tokens={"short": 1}), {"short": req})
+    with pytest.raises(AssertionError, match="shrank"):
+        patch._build_connector_meta(ours, SimpleNamespace(num_scheduled_tokens={"short": 1}), {"short": req})
+    req = SimRequest("pooled", [1, 2], 1, BLOCK)
+    req.sampling_params = None
+    with pytest.raises(RuntimeError, match="request pooled has no sampling parameters"):
+        patch._build_connector_meta(AuxOutputSchedulerConnector(), SimpleNamespace(num_scheduled_tokens={"pooled": 1}),
+                                    {"pooled": req})
 
 
 def test_step_routing_pickles_as_one_array_and_reads_like_vllms_dict():
