@@ -597,10 +597,9 @@ def _build_connector_meta(self, scheduler_output, requests):
     """vLLM's scheduler-side ``build_connector_meta`` (each scheduled request's routing start, the
     block hashes the worker has not seen, the requests that finished), built with less work per
     request: a request's hashes are packed only when it has new ones (vLLM packs, or finds nothing
-    to pack, for every request every step), and a request that has sampled starts at its last
-    token without reading its prompt start (which cannot lie past it). The metadata is vLLM's, key
-    for key and in the same order; the hash packing, the refusal of a shrunk hash history and the
-    steps for requests not scheduled are vLLM's own."""
+    to pack, for every request every step, and looks its count up with ``setdefault``). The
+    metadata is vLLM's, key for key and in the same order; the hash packing, the refusal of a
+    shrunk hash history and the pass over requests left out of the step are vLLM's own."""
     global _Metadata
     if _Metadata is None:
         from vllm.distributed.aux_output_connector.connector import AuxOutputConnectorMetadata as _Metadata
