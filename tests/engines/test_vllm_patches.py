@@ -315,7 +315,8 @@ def test_build_connector_meta_gives_vllms_metadata_in_vllms_order():
             requests[req.request_id] = req
             live.append(req)
         if step % 150 == 75:  # a prefix-cache reset: hashes are sent again under a new generation
-            theirs.reset(), ours.reset()
+            for connector in (theirs, ours):
+                connector.reset()
             seen["resets"] += 1
         scheduled = {}
         for req in live:
@@ -341,7 +342,8 @@ def test_build_connector_meta_gives_vllms_metadata_in_vllms_order():
         for req in list(live):
             if req.num_output_tokens >= req.max_new or rnd.random() < 0.03:
                 live.remove(req)
-                theirs.request_finished(req), ours.request_finished(req)
+                for connector in (theirs, ours):
+                    connector.request_finished(req)
                 if req.num_output_tokens < req.max_new:
                     waiting.append(req)  # preempted: it comes back and starts over
                     seen["preempted"] += 1
