@@ -2,8 +2,9 @@
 
 What it patches
     Each function in ``STAGES``, on its class, is replaced by a wrapper that counts its calls,
-    their seconds and their durations in bins 5% wide (for the median call), then calls it: in the worker, ``CPUModelRunner.execute_model`` and
-    ``.sample_tokens``, ``vllm_cpu_capture_0_32``'s ``StepCapturer.capture``,
+    their seconds and their durations in bins 5% wide (for the median call), then calls it: in
+    the worker, ``CPUModelRunner.execute_model`` and ``.sample_tokens``,
+    ``vllm_cpu_capture_0_32``'s ``StepCapturer.capture``,
     ``.snapshot_routing_data``, ``StepCommit.begin`` and ``StepCommit.__call__``, vLLM's
     ``BlockObjectStore.put``; in the engine core,
     ``Scheduler.schedule`` and ``.update_from_output``, ``AuxOutputSchedulerConnector.build_connector_meta``

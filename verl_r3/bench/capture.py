@@ -489,7 +489,8 @@ def format_stages(stages: dict) -> list[str]:
 
     sides = list(stages)
     lines = ["stages   microseconds per engine step in vLLM's processes, every round (warm-ups included), timers on "
-             "every side; a routing stage's median call, in microseconds, beside it:", f"  {'':<12}{'':<52}" + "".join(f"{side:>10}" for side in sides)]
+             "every side; a routing stage's median call, in microseconds, beside it:",
+             f"  {'':<12}{'':<52}" + "".join(f"{side:>10}" for side in sides)]
     role = None
     for key, (where, _module, _qualname, what) in STAGES.items():
         figures = [stages[side].get(key) for side in sides]
