@@ -5,6 +5,7 @@
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture);
                                                vllm: --stages times each routing stage in vLLM's processes
     verl-r3 bench commit [--json] [options]    vLLM CPU patch: the worker's per-step routing commit (verl_r3.bench.vllm_commit)
+    verl-r3 bench front-end [--json] [options] vLLM's front end: routing kept alive per request (verl_r3.bench.front_end)
     verl-r3 bench startup [--json] [options]   what loading verl_r3 adds to each verl process's `import verl` (verl_r3.bench.startup)
     verl-r3 bench memory [--json] [options]    routing bytes per id and peak over the unpadded payload (verl_r3.bench.memory)
     verl-r3 bench e2e [--json] [options]       seconds per quickstart step, GRPO+R3 vs GRPO (verl_r3.bench.e2e)
@@ -151,6 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     commit.add_argument("--repeats", type=_positive, default=5, help="timed repeats (default 5)")
     commit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     commit.set_defaults(func=_bench_commit)
+
+    front_end = benches.add_parser(
+        "front-end",
+        help="vLLM's front end: routing kept alive while requests run, vLLM's accumulation vs verl_r3's",
+        description="One capturing vLLM engine on a tiny Qwen3-MoE serves batches with a long tail of lengths, "
+        "with vLLM's own accumulation of each request's routing in its front end and with verl_r3's "
+        "(vllm_front_end_routing_0_32): bytes kept alive for routing against the rows held, at the peak and at "
+        "the tail of a round, whether both return the same routing, and the throughput and front-end CPU of "
+        "interleaved rounds, medians and ratios.",
+    )
+    front_end.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    front_end.add_argument("--rounds", type=_positive, default=5, help="timed rounds per side (default 5)")
+    front_end.add_argument("--prompts", type=_positive, default=32, help="prompts per batch (default 32)")
+    front_end.add_argument("--prompt-len", type=_positive, default=32, help="prompt tokens (default 32)")
+    front_end.add_argument("--new-tokens", type=_positive, default=192,
+                           help="tokens the longest request generates; the others 1/16 to 1/2 of it (default 192)")
+    front_end.add_argument("--layers", type=_positive, default=4, help="decoder layers, all MoE (default 4)")
+    front_end.add_argument("--experts", type=_positive, default=8, help="routed experts (default 8)")
+    front_end.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
+    front_end.add_argument("--hidden", type=_positive, default=128, help="hidden size (default 128)")
+    front_end.add_argument("--interval-ms", type=float, default=20.0,
+                           help="milliseconds between samples of the front end's requests (default 20)")
+    front_end.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    front_end.set_defaults(func=_bench_front_end)
 
     startup = benches.add_parser(
         "startup",
@@ -317,6 +342,20 @@ def _bench_commit(args: argparse.Namespace) -> int:
         print(f"verl-r3 bench commit: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else vllm_commit.format_result(result))
+    return 0
+
+
+def _bench_front_end(args: argparse.Namespace) -> int:
+    from verl_r3.bench import front_end
+
+    try:
+        result = front_end.run(rounds=args.rounds, prompts=args.prompts, prompt_len=args.prompt_len,
+                               new_tokens=args.new_tokens, layers=args.layers, experts=args.experts,
+                               top_k=args.top_k, hidden=args.hidden, interval_ms=args.interval_ms, seed=args.seed)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        print(f"verl-r3 bench front-end: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else front_end.format_result(result))
     return 0
 
 

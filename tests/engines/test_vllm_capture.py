@@ -109,6 +109,9 @@ def test_the_run_covered_preemption_prefix_hits_chunked_prefill_n2_and_aborts(ca
     result, _, _, _ = capture_run
     wave1, wave2 = result["waves"]
     assert result["preemptions"] > 0, "the small KV cache should force vLLM to preempt and recompute"
+    # The front end kept each request's rows in a RoutingRows (vllm_front_end_routing_0_32), so the
+    # routing checked against transformers went through it, aborts and n=2 included.
+    assert result["front_end_routing_rows"] is True
     assert result["prefix_cache_hits"] > 0 and all(c["num_cached_tokens"] > 0 for c in wave2)
     assert max(len(c["prompt_ids"]) for c in wave1) > 48  # longer than one step's token budget: chunked
     finished = [c for c in wave1 if not c["aborted"]]

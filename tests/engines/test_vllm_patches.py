@@ -21,7 +21,7 @@ from patch_state import reverted  # noqa: E402
 from verl_r3.integration import vllm_cpu  # noqa: E402
 from family_models import save_family_model  # noqa: E402
 
-PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_weight_sync_0_32"]
+PATCHES = ["vllm_cpu_capture_0_32", "vllm_cpu_weight_sync_0_32", "vllm_front_end_routing_0_32"]
 
 
 @pytest.fixture(params=PATCHES)
@@ -49,9 +49,10 @@ def test_apply_and_revert_are_idempotent_and_restore_the_originals(patch_module)
     from vllm.config import VllmConfig
     from vllm.distributed.aux_output_connector.connector import AuxOutputSchedulerConnector
     from vllm.model_executor.layers import utils
+    from vllm.v1.engine.output_processor import RequestState
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    names = [(VllmConfig, "_verify_aux_output_compatibility"), (CPUModelRunner, "initialize_kv_cache"),
+    names = [(RequestState, "__init__"), (VllmConfig, "_verify_aux_output_compatibility"), (CPUModelRunner, "initialize_kv_cache"),
              (CPUModelRunner, "execute_model"), (CPUModelRunner, "sample_tokens"),
              (AuxOutputSchedulerConnector, "take_output"), (AuxOutputSchedulerConnector, "build_connector_meta"),
              (utils, "dispatch_cpu_unquantized_gemm")]

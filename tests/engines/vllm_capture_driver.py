@@ -26,7 +26,10 @@ async def main(model: str, spec: dict) -> dict:
                 "routed_experts": None if c.routed_experts is None else c.routed_experts.tolist(),
                 "dtype": None if c.routed_experts is None else str(c.routed_experts.dtype),
             } for c in figures.completions])
-        return {"waves": waves, "preemptions": V.counter("vllm:num_preemptions"),
+        from verl_r3.patches import vllm_front_end_routing_0_32
+
+        return {"waves": waves, "front_end_routing_rows": vllm_front_end_routing_0_32.is_applied(),
+                "preemptions": V.counter("vllm:num_preemptions"),
                 "prefix_cache_hits": V.counter("vllm:prefix_cache_hits")}
     finally:
         engine.shutdown()

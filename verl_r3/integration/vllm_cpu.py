@@ -15,7 +15,9 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   under verl's CPU platform (``VERL_PLATFORM=cpu``), ``vllm_cpu_weight_sync_0_32`` (weights
   stay loadable so verl can sync them every step). With ``VERL_R3_STAGE_TIMES`` set (only
   ``verl-r3 bench capture --stages`` sets it) it also applies ``vllm_cpu_stage_timers_0_32``. On
-  GPUs it does nothing: vLLM's native capture is used there.
+  GPUs vLLM's native capture is used. On every platform, once the process imports vLLM's output
+  processor (the front end does), it applies ``vllm_front_end_routing_0_32``: each request's
+  routing rows are copied into an array of its own instead of kept as views of whole messages.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
   They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
 
@@ -30,6 +32,7 @@ import logging
 import os
 import sys
 
+from verl_r3.integration.import_hooks import when_imported
 from verl_r3.patches._window import installed_version
 
 logger = logging.getLogger(__name__)
@@ -85,10 +88,24 @@ def install_version_alias() -> str | None:
     return version
 
 
+def _apply_front_end_routing(_module) -> None:
+    from verl_r3.patches import vllm_front_end_routing_0_32
+
+    try:
+        vllm_front_end_routing_0_32.apply()
+    except RuntimeError as exc:  # another vLLM: its own accumulation, which returns the same rows
+        logger.info("verl_r3: %s", exc)
+
+
 def plugin() -> None:
     """vLLM general plugin (entry point ``verl_r3`` in group ``vllm.general_plugins``)."""
     from vllm.platforms import current_platform
 
+    from verl_r3.patches.vllm_front_end_routing_0_32 import OUTPUT_PROCESSOR
+
+    # On every platform: once vLLM's output processor is imported (the front end), each
+    # request keeps its routing rows in an array of its own, not in views of whole messages.
+    when_imported(OUTPUT_PROCESSOR, _apply_front_end_routing)
     if not current_platform.is_cpu():
         return  # GPUs: vLLM's native routing capture
     from verl_r3.patches import vllm_cpu_capture_0_32, vllm_cpu_stage_timers_0_32, vllm_cpu_weight_sync_0_32
