@@ -17,7 +17,8 @@ Three things stand between ``actor_rollout_ref.rollout.name=vllm`` and a CPU run
   ``verl-r3 bench capture --stages`` sets it) it also applies ``vllm_cpu_stage_timers_0_32``. On
   GPUs vLLM's native capture is used. On every platform, once the process imports vLLM's output
   processor (the front end does), it applies ``vllm_front_end_routing_0_32``: each request's
-  routing rows are copied into an array of its own instead of kept as views of whole messages.
+  routing rows are copied into a buffer of its own every 8 steps instead of kept as views of
+  whole messages until the request ends.
 - **Settings** verl would otherwise get wrong on CPU: sleep mode off and a bounded KV cache.
   They are in ``verl_r3.integration.cpu_settings.cpu_overrides`` and ``KV_CACHE_ENV``.
 
@@ -105,7 +106,7 @@ def plugin() -> None:
     from verl_r3.patches.vllm_front_end_routing_0_32 import OUTPUT_PROCESSOR
 
     # On every platform: once vLLM's output processor is imported (the front end), each
-    # request keeps its routing rows in an array of its own, not in views of whole messages.
+    # request copies its routing rows into a buffer of its own, not keeping views of whole messages.
     when_imported(OUTPUT_PROCESSOR, _apply_front_end_routing)
     if not current_platform.is_cpu():
         return  # GPUs: vLLM's native routing capture
