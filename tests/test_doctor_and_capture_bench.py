@@ -68,8 +68,10 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
         pytest.importorskip("vllm")
     argv = [a if prev != "--rounds" else str(rounds) for prev, a in zip([None] + SMALL, SMALL)]
     allowed = os.sched_getaffinity(0)
-    extra = (["--control"] if control else []) + (["--stages"] if engine == "vllm" else [])
+    extra = (["--control"] if control else []) + (["--stages"] if engine in ("vllm", "hf") else [])
     result = _json(capsys, ["bench", "capture", "--engine", engine, "--json", *argv] + extra)
+    if engine == "hf":
+        check_hf_stages(result, rounds=rounds, prompts=4, new_tokens=6)
     if engine == "vllm":
         check_stages(result["stages"], layers=2, prompts=4)
         check_stage_share(result["stages"], result["stages_share"])
@@ -108,6 +110,34 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
                                                         statistics.median(result["plain_runs"]))
     else:
         assert "control_ratio" not in result
+
+
+def check_hf_stages(result: dict, *, rounds: int, prompts: int, new_tokens: int) -> None:
+    """``--stages`` on hf: the capturing generator's hooks, counted in its timed rounds only (the
+    warm-up and the other sides run none): one prefill and a decode per further token each round,
+    each forward beginning and ending once and calling the router hook once per MoE layer, and the
+    batch's routing cut once a round."""
+    from verl_r3.bench.capture import HF_STAGES, format_result
+
+    stages, share = result["stages"], result["stages_share"]
+    forwards = rounds * new_tokens  # the prefill samples the first token, a decode each further one
+    assert stages["forwards"] == forwards
+    figures = stages["stages"]
+    assert list(figures) == [key for key, *_ in HF_STAGES]
+    assert figures["begin"]["calls"] == figures["end"]["calls"] == forwards
+    assert figures["route"]["calls"] == 2 * forwards and figures["route"]["calls_per_forward"] == 2
+    assert figures["gather"]["calls"] == rounds
+    assert all(f["us_per_forward"] > 0 for f in figures.values())
+    routing = sum(f["us_per_forward"] for f in figures.values())
+    assert share["routing_us"] == pytest.approx(routing)
+    assert share["share"] == pytest.approx(routing / share["plain_step_us"])
+    assert share["stages_ratio"] == pytest.approx(share["plain_step_us"] / (share["plain_step_us"] + routing))
+    # The plain side's time per forward: its timed rounds' seconds over the same number of forwards.
+    plain_seconds = sum(prompts * new_tokens / tps for tps in result["plain_runs"])
+    assert share["plain_step_us"] == pytest.approx(plain_seconds / forwards * 1e6, rel=1e-6)
+    table = format_result(result)
+    assert f"({forwards} forwards)" in table and "(2.00 calls per forward)" in table
+    assert f"by the stages alone the ratio would be {share['stages_ratio']:.4f}" in table
 
 
 def check_stages(stages: dict, *, layers: int, prompts: int) -> None:
@@ -289,9 +319,9 @@ def test_bench_capture_stages_without_figures_from_the_capturing_engine_is_an_er
         read_stages(str(tmp_path), ["capture", "plain"])
 
 
-def test_bench_capture_stages_are_refused_outside_vllm(capsys):
-    assert main(["bench", "capture", "--engine", "hf", "--stages"]) == 2
-    assert "--stages is a vllm option" in capsys.readouterr().err
+def test_bench_capture_stages_are_refused_on_sglang(capsys):
+    assert main(["bench", "capture", "--engine", "sglang", "--stages"]) == 2
+    assert "--stages is an hf and vllm option" in capsys.readouterr().err
     assert main(["bench", "capture", "--engine", "vllm", "--int32-routing"]) == 2
     assert "--int32-routing is an sglang option" in capsys.readouterr().err
 

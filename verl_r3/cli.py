@@ -3,7 +3,7 @@
     verl-r3 demo [--quick] [--seed N]          alias of `verl-r3 diagnose --demo` (verl_r3.demo)
     verl-r3 bench replay [--json] [options]    replay overhead on forward + backward (verl_r3.bench.replay)
     verl-r3 bench capture --engine E [--json]  rollout throughput with vs without capture (verl_r3.bench.capture);
-                                               vllm: --stages times each routing stage in vLLM's processes
+                                               hf, vllm: --stages times each routing stage (vllm: in its processes)
     verl-r3 bench commit [--json] [options]    vLLM CPU patch: the worker's per-step routing commit (verl_r3.bench.vllm_commit)
     verl-r3 bench front-end [--json] [options] vLLM's front end: routing kept alive per request (verl_r3.bench.front_end)
     verl-r3 bench startup [--json] [options]   what loading verl_r3 adds to each verl process's `import verl` (verl_r3.bench.startup)
@@ -125,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="vllm: leave the front end and engine cores where the OS puts them (by default they "
                               "are pinned to the CPUs vLLM reserves for them, off its workers' cores)")
     capture.add_argument("--stages", action="store_true",
-                         help="vllm: also time each routing stage inside the engines' own processes and print its "
-                              "microseconds per engine step, every side beside the others, and what the routing "
+                         help="hf, vllm: also time each routing stage (vllm: inside the engines' own processes, "
+                              "every side beside the others; hf: the capturing generator's hooks and its cut of "
+                              "the batch's routing) and print its microseconds per step, and what the routing "
                               "stages weigh against the plain engine's step")
     capture.add_argument("--int32-routing", action="store_true",
                          help="sglang: capture with SGLang's own int32 routing instead of verl_r3's compact routing "

@@ -306,6 +306,41 @@ def test_r2_record_then_replay_in_the_next_forward():
     assert not torch.equal(native_after, new)  # ... so replaying the old routing changes the output
 
 
+@pytest.mark.parametrize("pending_ids", [None, 0])
+def test_record_lays_out_each_forward_as_its_router_chose_read_midway_or_not(monkeypatch, pending_ids):
+    """A record block keeps each layer's router ids as made and lays a forward out (one stack, the
+    record dtype, -1 in the dense layer) when the handle is read, or at the forward's end once the
+    block holds more than ``RECORD_PENDING_IDS`` of them (0 here: every forward). Either way, and
+    read between forwards or only at the end, each forward's routing is the one its routers chose."""
+    from verl_r3.core import replay as replay_module
+
+    if pending_ids is not None:
+        monkeypatch.setattr(replay_module, "RECORD_PENDING_IDS", pending_ids)
+    model = _model("deepseek_v3", 8)  # layer 0 dense
+    rr = RouterReplay(model)
+    spy = _ExpertsSpy(rr)
+    batches = [_ids(2, 10, seed=1), _ids(2, 1, seed=2), _ids(3, 4, seed=3)]
+    chosen, midway = [], []
+    with torch.no_grad(), rr.record() as rec:
+        for i, ids in enumerate(batches):
+            model(input_ids=ids)
+            chosen.append({index: idx.clone() for index, (idx, _weights) in spy.seen.items()})
+            if pending_ids == 0:  # laid out at each forward's end: the block holds no router ids
+                assert not rec._pending
+            if i == 1:
+                midway = [t.clone() for t in rec.forwards]  # read between forwards
+    assert len(rec.forwards) == 3 and len(midway) == 2
+    for ids, forward, layers in zip(batches, rec.forwards, chosen):
+        B, T = ids.shape
+        assert forward.shape == (B, T, rr.num_layers, rr.top_k) and forward.dtype == torch.int16
+        assert (forward[:, :, 0] == MISSING).all()
+        for index, idx in layers.items():
+            assert torch.equal(forward[:, :, index].reshape(-1, rr.top_k), idx.to(torch.int16))
+    for before, after in zip(midway, rec.forwards):
+        assert torch.equal(before, after)
+    assert torch.equal(rec.routed_experts, rec.forwards[-1])
+
+
 def _bad_routings(routed, rr):
     E = rr.num_experts
     cases = {}

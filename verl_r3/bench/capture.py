@@ -35,7 +35,10 @@ server does after start-up.
 (``verl_r3.patches.vllm_cpu_stage_timers_0_32``, applied by verl_r3's vLLM plugin when the
 benchmark sets ``VERL_R3_STAGE_TIMES``): the result's ``stages`` gives every side's microseconds
 per engine step, and ``stages_share`` what the capturing engine's routing stages weigh against the
-plain engine's step, with the ratio they alone would give (``stage_share``).
+plain engine's step, with the ratio they alone would give (``stage_share``). On hf, ``--stages``
+times the capturing generator's routing work in this process (``HF_STAGES``: ``RouterReplay``'s
+hooks and the cut of the batch's routing into each request's rows, ``HFStageTimer``), per forward,
+against the plain generator's time per forward (``hf_stage_share``, the same keys).
 
 - ``hf``: ``verl_r3.integration.hf_rollout.HFGenerator`` in this process (``capture_routing``).
 - ``vllm``: two ``AsyncLLM`` engines in this environment (``verl_r3.engines.vllm_engine``);
@@ -127,21 +130,83 @@ def interleave(sides: list[str], rounds: int, timed) -> dict[str, list[float]]:
     return out
 
 
-def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str
-            ) -> tuple[dict, dict]:
+# The capturing HFGenerator's own work, timed by ``--stages``: (key, attribute, object, what).
+HF_STAGES = (
+    ("begin", "_begin_forward", "rr", "RouterReplay: the forward begins (model pre-hook)"),
+    ("route", "_route", "rr", "RouterReplay: a router's ids kept (router hook)"),
+    ("end", "_end_forward", "rr", "RouterReplay: the forward ends (model hook)"),
+    ("gather", "_request_routing", "generator", "the batch's routing cut into each request's rows"),
+)
+
+
+class HFStageTimer:
+    """Times the capturing ``HFGenerator``'s routing work (``HF_STAGES``) by wrapping those methods on
+    the instances (the hooks call them through ``self``), counting calls and seconds only while
+    ``counting`` is set (the timed rounds). Torch's dispatch of the hooks is not timed."""
+
+    def __init__(self, generator) -> None:
+        self.counting = False
+        self.calls = {key: 0 for key, *_ in HF_STAGES}
+        self.seconds = {key: 0.0 for key, *_ in HF_STAGES}
+        owners = {"rr": generator.rr, "generator": generator}
+        for key, attr, owner, _what in HF_STAGES:
+            obj = owners[owner]
+            setattr(obj, attr, self._timed(key, getattr(obj, attr)))
+
+    def _timed(self, key: str, fn):
+        def timed(*args, **kwargs):
+            if not self.counting:
+                return fn(*args, **kwargs)
+            began = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - began
+                self.calls[key] += 1
+
+        return timed
+
+
+def hf_stage_share(timer: HFStageTimer, plain_seconds: float) -> tuple[dict, dict]:
+    """``--stages`` for hf: each stage's microseconds per forward of the capturing generator, and what
+    they weigh against the plain generator's time per forward over the same rounds (``share``,
+    ``stages_ratio = plain / (plain + routing)``; the keys of vLLM's ``stages_share``)."""
+    forwards = timer.calls["end"]
+    if not forwards:
+        raise RuntimeError("--stages: the capturing generator ran no forward inside its timed rounds")
+    stages = {key: {"what": what, "calls": timer.calls[key], "us_per_forward": timer.seconds[key] / forwards * 1e6,
+                    "calls_per_forward": timer.calls[key] / forwards}
+              for key, _attr, _owner, what in HF_STAGES}
+    routing = sum(f["us_per_forward"] for f in stages.values())
+    step = plain_seconds / forwards * 1e6
+    return ({"forwards": forwards, "stages": stages},
+            {"routing_us": routing, "plain_step_us": step, "share": routing / step,
+             "stages_ratio": step / (step + routing)})
+
+
+def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, rounds: int, dtype: str,
+            stages: bool = False) -> tuple[dict, dict, HFStageTimer | None, dict]:
     import torch
 
     from verl_r3.integration.hf_rollout import HFGenerator, Request
 
     generators = {side: HFGenerator(path, dtype=getattr(torch, dtype), capture_routing=side == "capture", seed=0)
                   for side in sides}
+    timer = HFStageTimer(generators["capture"]) if stages else None
+    seconds_by_side = {side: 0.0 for side in sides}
 
     def timed(side: str, k: int) -> float:
         batch = rounds_batches[k]
         requests = [Request(prompt_ids=p, max_tokens=new_tokens, ignore_eos=True) for p in batch]
+        if timer is not None:
+            timer.counting = side == "capture" and k > 0
         began = time.perf_counter()
         results = generators[side].generate(requests)
         seconds = time.perf_counter() - began
+        if timer is not None:
+            timer.counting = False
+        if k > 0:
+            seconds_by_side[side] += seconds
         for p, r in zip(batch, results):
             if side == "capture" and r.routed_experts.shape[0] != len(p) + len(r.token_ids) - 1:
                 raise RuntimeError(f"hf capture returned {r.routed_experts.shape[0]} rows for "
@@ -151,7 +216,7 @@ def _run_hf(path: str, sides: list[str], rounds_batches: list, new_tokens: int, 
     runs = interleave(sides, rounds, timed)
     import transformers
 
-    return runs, machine(transformers=transformers.__version__)
+    return runs, machine(transformers=transformers.__version__), timer, seconds_by_side
 
 
 _gc_seconds = [0.0, None]  # this process's collections so far, and when the one under way began
@@ -360,8 +425,8 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if pin is not None and engine != "vllm":
         raise ValueError(f"--no-pin is a vllm option: only vLLM's processes are pinned, not {engine}'s")
-    if stages and engine != "vllm":
-        raise ValueError(f"--stages is a vllm option: it times stages inside vLLM's processes, not {engine}'s")
+    if stages and engine == "sglang":
+        raise ValueError("--stages is an hf and vllm option: SGLang's processes are not timed by stage")
     if int32_routing and engine != "sglang":
         raise ValueError(f"--int32-routing is an sglang option: only SGLang's routing is narrowed by verl_r3, not "
                          f"{engine}'s")
@@ -383,8 +448,12 @@ def run(engine: str, *, rounds: int = 5, prompts: int = 32, prompt_len: int = 64
         build_model(path, layers=layers, experts=experts, top_k=top_k, hidden=hidden, seed=seed)
         sides = ["capture", "plain"] + (["control"] if control else [])
         if engine == "hf":
-            runs, machine = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype)
-            return summary(engine, runs, shape, machine)
+            runs, machine, timer, seconds = _run_hf(path, sides, rounds_batches, new_tokens, rounds, dtype,
+                                                    stages=stages)
+            result = summary(engine, runs, shape, machine)
+            if timer is not None:
+                result["stages"], result["stages_share"] = hf_stage_share(timer, seconds["plain"])
+            return result
         runs, machine, front_end = _run_vllm(path, sides, rounds_batches, new_tokens, rounds, dtype,
                                              pin=pin is not False, stages_dir=timers if stages else None)
         result = summary(engine, runs, shape, machine)
@@ -471,6 +540,19 @@ def format_result(result: dict) -> str:
         lines += [f"front end CPU milliseconds a round in this process (vLLM's client and its output processing), "
                   f"medians: {cpu}",
                   f"          its garbage collector, the longest round's milliseconds: {gc_ms}"]
+    if "stages" in result and result["engine"] == "hf":
+        st, f = result["stages"], result["stages_share"]
+        lines.append(f"stages   microseconds per forward of the capturing generator in the timed rounds ({st['forwards']} "
+                     "forwards); the plain side runs none of them:")
+        for figure in st["stages"].values():
+            calls = figure["calls_per_forward"]
+            note = f"  ({calls:.2f} calls per forward)" if abs(calls - 1) > 0.005 else ""
+            lines.append(f"  {figure['what']:<56}{figure['us_per_forward']:10.1f}{note}")
+        lines += [f"routing  {f['routing_us']:.0f} microseconds per forward, {f['share']:.1%} of the plain generator's "
+                  f"time per forward ({f['plain_step_us']:.0f}: the forward, sampling, the batch's bookkeeping);",
+                  f"         by the stages alone the ratio would be {f['stages_ratio']:.4f} (torch's dispatch of the "
+                  "hooks is not timed)"]
+        return "\n".join(lines)
     if "stages" in result:
         lines += format_stages(result["stages"])
     if "stages_share" in result:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 import weakref
 from collections.abc import Iterator
@@ -140,14 +141,44 @@ class _Forward:
 
     shape: tuple[int, int] | None
     consumed: set[int] = field(default_factory=set)  # layers routed in this forward
-    native: torch.Tensor | None = None  # [B, T, L, K] native top-k, written layer by layer (one allocation)
+    ids: dict[int, torch.Tensor] = field(default_factory=dict)  # each routed layer's native [B*T, K] (_keep_native)
+
+
+# Router ids (of all layers) a record block may hold as the routers made them before it lays its
+# forwards out without being read: 2**24 ids, 128 MiB of int64.
+RECORD_PENDING_IDS = 1 << 24
 
 
 class RecordHandle:
-    """What ``rr.record()`` yields: the routing of the forwards run inside the block."""
+    """What ``rr.record()`` yields: the routing of the forwards run inside the block.
 
-    def __init__(self) -> None:
-        self.forwards: list[torch.Tensor] = []
+    A forward's layers are laid out (one stack, one cast to the record dtype) when ``forwards`` or
+    ``routed_experts`` is read, not inside the forward, where every tensor operation costs more
+    than the copy it makes. Until then the block holds each layer's ids as its router made them,
+    at most ``RECORD_PENDING_IDS`` of them; a forward that goes past that is laid out at its end."""
+
+    def __init__(self, layout=None) -> None:
+        self._layout = layout  # _Forward -> its [B, T, L, K]
+        self._pending: list[_Forward] = []
+        self._pending_ids = 0
+        self._forwards: list[torch.Tensor] = []
+
+    def _add(self, fwd: _Forward) -> None:
+        self._pending.append(fwd)
+        self._pending_ids += sum(ids.numel() for ids in fwd.ids.values())
+        if self._pending_ids > RECORD_PENDING_IDS:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending, self._pending, self._pending_ids = self._pending, [], 0
+        self._forwards.extend(self._layout(fwd) for fwd in pending)
+
+    @property
+    def forwards(self) -> list[torch.Tensor]:
+        """Each forward's routing, ``[B, T, L, K]`` in the record dtype, in the order they ran."""
+        if self._pending:
+            self._flush()
+        return self._forwards
 
     @property
     def routed_experts(self) -> torch.Tensor:
@@ -293,7 +324,7 @@ class RouterReplay:
     @contextlib.contextmanager
     def record(self) -> Iterator[RecordHandle]:
         """Forwards inside use native routing; the handle collects ``[B, T, L, K]`` per forward."""
-        handle = RecordHandle()
+        handle = RecordHandle(functools.partial(self._stack_native, dtype=self._dtype))
         with self._block(Mode.RECORD, handle):
             yield handle
 
@@ -386,23 +417,33 @@ class RouterReplay:
             )
         self._counts.forwards += 1
         if self.mode is Mode.RECORD:
-            self._handle.forwards.append(fwd.native)
+            self._handle._add(fwd)
         else:
-            self._handle.native_experts = fwd.native
+            self._handle.native_experts = self._stack_native(fwd, self._routed.dtype)
             self._handle.replayed_layers = frozenset(fwd.consumed)
 
     def _keep_native(self, fwd: _Forward, index: int, idx_NK: torch.Tensor) -> None:
-        """Write a layer's native ``[B*T, K]`` ids into the forward's ``[B, T, L, K]`` routing (allocated
-        at its first layer; layers without MoE hold missing rows)."""
-        if fwd.native is None:
-            shape = fwd.shape or (1, idx_NK.shape[0])
-            # Under replay in the routing's own dtype (validated to hold every id, uint8 included: its
-            # missing rows, here the layers without MoE, are zeros); else the record dtype.
-            dtype = self._routed.dtype if self.mode is Mode.REPLAY else self._dtype
-            fwd.native = torch.full((*shape, self.num_layers, self.top_k), MISSING if dtype.is_signed else 0,
-                                    dtype=dtype, device=idx_NK.device)
-        B, T = fwd.native.shape[:2]
-        fwd.native[:, :, index] = idx_NK.detach().view(B, T, self.top_k)
+        """Keep a layer's native ``[B*T, K]`` ids for ``_stack_native``. Recording keeps the router's
+        tensor as it is (no operation per layer: each costs more than the copy it makes); under replay
+        each layer's ids are converted to the routing's dtype at once (validated to hold every id,
+        ``uint8`` included), so a training forward holds one or two bytes per id, not eight."""
+        fwd.ids[index] = idx_NK if self.mode is Mode.RECORD else idx_NK.to(self._routed.dtype)
+
+    def _stack_native(self, fwd: _Forward, dtype: torch.dtype) -> torch.Tensor:
+        """The forward's native routing ``[B, T, L, K]`` in ``dtype`` (the record dtype, or under replay
+        the routing's): one stack of the layers' ids, layers without MoE holding missing rows (-1, or 0
+        in an unsigned dtype)."""
+        first = next(iter(fwd.ids.values()))
+        rows = first.shape[0]
+        B, T = fwd.shape or (1, rows)
+        if B * T != rows:
+            raise RuntimeError(f"RouterReplay: the routers routed {rows} tokens but the forward's input is "
+                               f"[batch, positions]={(B, T)}")
+        missing = None
+        if len(fwd.ids) < self.num_layers:
+            missing = torch.full_like(first, MISSING if dtype.is_signed else 0)
+        layers = [fwd.ids.get(index, missing) for index in range(self.num_layers)]
+        return torch.stack(layers, dim=1).to(dtype).view(B, T, self.num_layers, self.top_k)
 
     def _layer_targets(self, layer: _Layer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's replay targets ``[B*T, K]`` (long) and missing rows ``[B*T]``: cut from the routing

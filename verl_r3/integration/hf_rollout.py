@@ -313,24 +313,26 @@ class HFGenerator:
         tokens = torch.stack(tokens_T, dim=1).cpu() if tokens_T else torch.zeros((B, 0), dtype=torch.long)
         logps = torch.stack(logps_T, dim=1).float().cpu() if logps_T else torch.zeros((B, 0))
         counts = produced.cpu().tolist()
-        routing = None
-        if handle is not None:
-            # forwards[0] is the prefill [B, P, L, K]; forwards[s] (s >= 1) the decode of token s - 1, at
-            # position P + s - 1: a request's rows are one slice, from its first prompt token on.
-            routing = engine_rows(torch.cat(handle.forwards, dim=1), self.rr.num_experts)
+        routed = self._request_routing(handle, P, lengths, counts) if handle is not None else [None] * B
         results = []
         for b, r in enumerate(reqs):
             n = counts[b]
-            routed = None
-            if routing is not None:
-                routed = routing[b, P - lengths[b]:P + max(n - 1, 0)].clone().numpy()
             results.append(Result(
                 token_ids=tokens[b, :n].tolist(),
                 log_probs=logps[b, :n].tolist(),
-                routed_experts=routed,
+                routed_experts=routed[b],
                 stop_reason="aborted" if bool(aborted[b]) else "completed",
             ))
         return results
+
+
+    def _request_routing(self, handle, P: int, lengths: list[int], counts: list[int]) -> list[np.ndarray]:
+        """Each request's rows, ``[prompt + tokens - 1, L, K]`` as vLLM returns them, from the batch's
+        recorded forwards: ``forwards[0]`` is the prefill ``[B, P, L, K]``, ``forwards[s]`` (s >= 1)
+        the decode of token s - 1 at position P + s - 1, so a request's rows are one slice from its
+        first prompt token on."""
+        routing = engine_rows(torch.cat(handle.forwards, dim=1), self.rr.num_experts)
+        return [routing[b, P - lengths[b]:P + max(n - 1, 0)].clone().numpy() for b, n in enumerate(counts)]
 
 
 # -- batching front -------------------------------------------------------------------------
