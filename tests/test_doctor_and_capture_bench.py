@@ -104,12 +104,37 @@ def test_bench_capture_measures_both_sides_and_reports_their_ratio(capsys, engin
     assert result["tokens_per_s_capture"] > 0 and result["tokens_per_s_plain"] > 0
     assert result["ratio"] == pytest.approx(statistics.median(result["capture_runs"]) /
                                             statistics.median(result["plain_runs"]))
+    assert result["paired_ratio"] == pytest.approx(statistics.median(
+        c / p for c, p in zip(result["capture_runs"], result["plain_runs"])))
     if control:
         assert len(result["control_runs"]) == rounds
         assert result["control_ratio"] == pytest.approx(statistics.median(result["control_runs"]) /
                                                         statistics.median(result["plain_runs"]))
+        assert result["control_paired_ratio"] == pytest.approx(statistics.median(
+            c / p for c, p in zip(result["control_runs"], result["plain_runs"])))
     else:
-        assert "control_ratio" not in result
+        assert "control_ratio" not in result and "control_paired_ratio" not in result
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_own_ratio():
+    """Sides that run at the same speed within each round while the machine slows round after round,
+    and one round disturbed on the capturing side: the rounds' own ratios say 1 (one outlier among
+    five), where the disturbed round moves the capturing side's median down a place in the drift.
+    Rounds of unequal count are refused."""
+    from verl_r3.bench.capture import format_result, paired_ratio, summary
+
+    plain = [1000.0, 900.0, 800.0, 700.0, 600.0]
+    capture = [1000.0, 900.0, 100.0, 700.0, 600.0]  # one round disturbed on the capture side
+    control = [1000.0, 900.0, 800.0, 700.0, 600.0]
+    result = summary("hf", {"capture": capture, "plain": plain, "control": control}, {}, {})
+    assert result["paired_ratio"] == 1.0 and result["control_paired_ratio"] == 1.0
+    assert result["ratio"] == pytest.approx(700.0 / 800.0)  # the disturbed round moved the capture side's median
+    assert paired_ratio([990.0, 500.0, 1010.0], [1000.0, 500.0, 1000.0]) == 1.0
+    assert paired_ratio([98.0, 99.0], [100.0, 100.0]) == pytest.approx(0.985)
+    assert "paired   capture / plain 1.0000, control / plain 1.0000  (the median of each round's own ratio" in \
+        format_result(result)
+    with pytest.raises(ValueError, match="3 and 2 rounds"):
+        paired_ratio([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
 def check_hf_stages(result: dict, *, rounds: int, prompts: int, new_tokens: int) -> None:

@@ -98,12 +98,23 @@ def summary(engine: str, runs: dict[str, list[float]], shape: dict, machine: dic
     """The result of one engine's rounds (``runs``: tokens/s per side and round): medians and ratios."""
     capture, plain = statistics.median(runs["capture"]), statistics.median(runs["plain"])
     out = {"engine": engine, "tokens_per_s_capture": capture, "tokens_per_s_plain": plain,
-           "ratio": capture / plain, "target": TARGET_RATIO, "rounds": len(runs["capture"]),
+           "ratio": capture / plain, "paired_ratio": paired_ratio(runs["capture"], runs["plain"]),
+           "target": TARGET_RATIO, "rounds": len(runs["capture"]),
            "capture_runs": runs["capture"], "plain_runs": runs["plain"], "shape": shape, "machine": machine}
     if "control" in runs:
         control = statistics.median(runs["control"])
-        out.update(tokens_per_s_control=control, control_ratio=control / plain, control_runs=runs["control"])
+        out.update(tokens_per_s_control=control, control_ratio=control / plain, control_runs=runs["control"],
+                   control_paired_ratio=paired_ratio(runs["control"], runs["plain"]))
     return out
+
+
+def paired_ratio(side: list[float], plain: list[float]) -> float:
+    """The median of the rounds' own ratios ``side[k] / plain[k]``: each round runs the two sides back
+    to back on one batch, so a drift of the machine's speed over the run moves both figures of a
+    round and cancels in its ratio, where it stays in the ratio of the medians."""
+    if len(side) != len(plain) or not side:
+        raise ValueError(f"paired_ratio: {len(side)} and {len(plain)} rounds; one figure per round on each side")
+    return statistics.median(s / p for s, p in zip(side, plain))
 
 
 def batches(seed: int, rounds: int, prompts: int, prompt_len: int) -> list[list[list[int]]]:
@@ -534,6 +545,11 @@ def format_result(result: dict) -> str:
     if "control_ratio" in result:
         lines.append(f"control  {result['control_ratio']:.4f} control / plain  (two instances without capture: how far "
                      "apart identical sides land on this machine)")
+    if "paired_ratio" in result:
+        control = (f", control / plain {result['control_paired_ratio']:.4f}" if "control_paired_ratio" in result
+                   else "")
+        lines.append(f"paired   capture / plain {result['paired_ratio']:.4f}{control}  (the median of each round's own "
+                     "ratio, its two sides run back to back)")
     if "front_end" in result:
         cpu = ", ".join(f"{side} {statistics.median(f['cpu_ms']):.1f}" for side, f in result["front_end"].items())
         gc_ms = ", ".join(f"{side} {max(f['gc_ms']):.1f}" for side, f in result["front_end"].items())
