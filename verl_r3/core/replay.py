@@ -153,9 +153,11 @@ class RecordHandle:
     """What ``rr.record()`` yields: the routing of the forwards run inside the block.
 
     A forward's layers are laid out (one stack, one cast to the record dtype) when ``forwards`` or
-    ``routed_experts`` is read, not inside the forward, where every tensor operation costs more
-    than the copy it makes. Until then the block holds each layer's ids as its router made them,
-    at most ``RECORD_PENDING_IDS`` of them; a forward that goes past that is laid out at its end."""
+    ``routed_experts`` is read, not inside the forward, where a tensor operation run between the
+    model's own costs far more than the small copy it makes (tens of microseconds each on CPU; README,
+    "Where hf's capture cost goes"). Until then the block holds each layer's ids as its router made them;
+    at the end of a forward that takes them past ``RECORD_PENDING_IDS``, it lays out every forward
+    it holds."""
 
     def __init__(self, layout=None) -> None:
         self._layout = layout  # _Forward -> its [B, T, L, K]
@@ -424,9 +426,9 @@ class RouterReplay:
 
     def _keep_native(self, fwd: _Forward, index: int, idx_NK: torch.Tensor) -> None:
         """Keep a layer's native ``[B*T, K]`` ids for ``_stack_native``. Recording keeps the router's
-        tensor as it is (no operation per layer: each costs more than the copy it makes); under replay
-        each layer's ids are converted to the routing's dtype at once (validated to hold every id,
-        ``uint8`` included), so a training forward holds one or two bytes per id, not eight."""
+        tensor as it is (no tensor operation per layer inside the forward; see ``RecordHandle``);
+        under replay each layer's ids are converted to the routing's dtype at once (validated to hold
+        every id, ``uint8`` included), so a training forward holds one or two bytes per id, not eight."""
         fwd.ids[index] = idx_NK if self.mode is Mode.RECORD else idx_NK.to(self._routed.dtype)
 
     def _stack_native(self, fwd: _Forward, dtype: torch.dtype) -> torch.Tensor:
