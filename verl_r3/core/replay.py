@@ -159,7 +159,7 @@ class RecordHandle:
     at the end of a forward that takes them past ``RECORD_PENDING_IDS``, it lays out every forward
     it holds."""
 
-    def __init__(self, layout=None) -> None:
+    def __init__(self, layout) -> None:
         self._layout = layout  # _Forward -> its [B, T, L, K]
         self._pending: list[_Forward] = []
         self._pending_ids = 0
