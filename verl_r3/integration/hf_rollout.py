@@ -325,7 +325,6 @@ class HFGenerator:
             ))
         return results
 
-
     def _request_routing(self, handle, P: int, lengths: list[int], counts: list[int]) -> list[np.ndarray]:
         """Each request's rows, ``[prompt + tokens - 1, L, K]`` as vLLM returns them, from the batch's
         recorded forwards: ``forwards[0]`` is the prefill ``[B, P, L, K]``, ``forwards[s]`` (s >= 1)
