@@ -498,6 +498,33 @@ def test_core_imports_without_verl_vllm_sglang_or_transformers():
     assert out.stdout.strip() == "ok"
 
 
+def test_the_package_imports_without_torch_and_registers_its_families_on_first_lookup():
+    code = (
+        "import sys\n"
+        "import verl_r3, verl_r3.keys, verl_r3.wandb_naming, verl_r3.integration.cpu_settings\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from verl_r3.core import replay\n"
+        "assert 'verl_r3.families' not in sys.modules and not replay._FAMILIES\n"
+        "import transformers\n"
+        "cfg = transformers.Qwen3MoeConfig(num_hidden_layers=3, num_experts=16, num_experts_per_tok=4)\n"
+        "assert replay.routing_dims(cfg) == (3, 4, 16), replay.routing_dims(cfg)\n"
+        "assert {'qwen3_moe', 'deepseek_v3', 'gpt_oss'} <= set(replay.supported_families())\n"
+        "assert verl_r3.RouterReplay is replay.RouterReplay and verl_r3.core.family_modules == []\n"
+        "verl_r3.core.family_modules.append('verl_r3_no_such_adapters')\n"
+        "try:\n"
+        "    replay.supported_families()\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    assert 'verl_r3_no_such_adapters' in str(exc)\n"
+        "else:\n"
+        "    raise AssertionError('a missing adapter module was skipped')\n"
+        "assert verl_r3.core.family_modules == ['verl_r3_no_such_adapters']\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_adding_a_family_is_one_small_adapter():
     from verl_r3.core.replay import RouterFamily, register_family, supported_families
     from verl_r3.families import transformers_version

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import importlib
 import math
 import weakref
 from collections.abc import Iterator
@@ -51,10 +52,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from verl_r3 import core
 from verl_r3.core.metrics import expert_sets_differ
 from verl_r3.core.record import MISSING, dense_dtype, missing_rows, validate_routing
 
-__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "routing_dims", "supported_families"]
+__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "registered_families", "routing_dims", "supported_families"]
 
 # Legend: B batch, T positions, N = B * T rows routed per layer, L layers, K top-k, E experts.
 
@@ -101,14 +103,25 @@ def register_family(family: RouterFamily) -> RouterFamily:
     return family
 
 
+def registered_families() -> dict[str, RouterFamily]:
+    """Every registered family by model type, after importing the modules listed in
+    ``verl_r3.core.family_modules`` (each once; an import error propagates and the module stays
+    listed)."""
+    while core.family_modules:
+        name = core.family_modules[0]
+        importlib.import_module(name)
+        core.family_modules.remove(name)
+    return _FAMILIES
+
+
 def supported_families() -> list[str]:
-    return sorted(_FAMILIES)
+    return sorted(registered_families())
 
 
 def routing_dims(config) -> tuple[int, int, int]:
     """``(L, K, E)`` of the routing a supported MoE model config produces: decoder layers, experts
     per token, experts. ValueError for an unsupported family."""
-    family = _FAMILIES.get(getattr(config, "model_type", None))
+    family = registered_families().get(getattr(config, "model_type", None))
     if family is None:
         raise ValueError(f"model type {getattr(config, 'model_type', None)!r} is not a supported MoE family "
                          f"(supported: {', '.join(supported_families())})")
@@ -215,7 +228,7 @@ class RouterReplay:
     def __init__(self, model: nn.Module, *, validate: bool = True) -> None:
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
-        family = _FAMILIES.get(model_type)
+        family = registered_families().get(model_type)
         if family is None:
             raise ValueError(
                 f"RouterReplay: model type {model_type!r} is not a supported MoE family "

@@ -22,7 +22,7 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
     """Check that ``path`` is a Hugging Face MoE directory of a supported family; return its shape."""
     import transformers
 
-    from verl_r3.core.replay import _FAMILIES, supported_families
+    from verl_r3.core.replay import registered_families, supported_families
 
     folder, name = Path(path), repr(str(path))
     if not folder.is_dir():
@@ -36,7 +36,7 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"model directory {name}: cannot read config.json: {exc}") from exc
-    family = _FAMILIES.get(config.model_type)
+    family = registered_families().get(config.model_type)
     if family is None:
         raise ValueError(f"model directory {name}: model_type {config.model_type!r} is not a supported MoE family "
                          f"(supported: {', '.join(supported_families())})")
