@@ -525,6 +525,29 @@ def test_the_package_imports_without_torch_and_registers_its_families_on_first_l
     assert out.stdout.strip() == "ok"
 
 
+def test_threads_looking_up_their_first_family_together_all_see_every_family():
+    code = (
+        "import threading\n"
+        "from verl_r3.core import replay\n"
+        "barrier, seen, errors = threading.Barrier(8), [], []\n"
+        "def look():\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        seen.append(tuple(replay.supported_families()))\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=look) for _ in range(8)]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "assert not errors, errors\n"
+        "assert len(seen) == 8 and len(set(seen)) == 1 and 'qwen3_moe' in seen[0], seen\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_adding_a_family_is_one_small_adapter():
     from verl_r3.core.replay import RouterFamily, register_family, supported_families
     from verl_r3.families import transformers_version

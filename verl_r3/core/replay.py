@@ -45,6 +45,7 @@ import enum
 import functools
 import importlib
 import math
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,7 @@ class RouterFamily:
 
 
 _FAMILIES: dict[str, RouterFamily] = {}
+_FAMILY_MODULES_LOCK = threading.RLock()
 # Model instance -> its live RouterReplay (weak: a deepcopy of a model is a new, unbound key).
 _BOUND: weakref.WeakKeyDictionary[nn.Module, RouterReplay] = weakref.WeakKeyDictionary()
 
@@ -107,10 +109,12 @@ def registered_families() -> dict[str, RouterFamily]:
     """Every registered family by model type, after importing the modules listed in
     ``verl_r3.core.family_modules`` (each once; an import error propagates and the module stays
     listed)."""
-    while core.family_modules:
-        name = core.family_modules[0]
-        importlib.import_module(name)
-        core.family_modules.remove(name)
+    if core.family_modules:
+        with _FAMILY_MODULES_LOCK:  # threads of an engine process may look up their first family together
+            while core.family_modules:
+                name = core.family_modules[0]
+                importlib.import_module(name)
+                core.family_modules.remove(name)
     return _FAMILIES
 
 
