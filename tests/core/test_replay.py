@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -482,70 +483,70 @@ def test_blocks_do_not_nest_and_record_needs_a_forward():
         rec.routed_experts
 
 
-def test_core_imports_without_verl_vllm_sglang_or_transformers():
-    code = (
-        "import sys\n"
-        "for name in ('verl', 'vllm', 'sglang', 'transformers'):\n"
-        "    sys.modules[name] = None\n"
-        "import verl_r3\n"
-        "from verl_r3.core import record, replay, metrics\n"
-        "from verl_r3 import RouterReplay, RoutingRecord\n"
-        "assert sys.modules['transformers'] is None\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def _in_a_fresh_interpreter(code: str) -> None:
+    """Run ``code`` in a new Python process; it must end by printing ``ok``."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_core_imports_without_verl_vllm_sglang_or_transformers():
+    _in_a_fresh_interpreter("""
+        import sys
+        for name in ('verl', 'vllm', 'sglang', 'transformers'):
+            sys.modules[name] = None
+        import verl_r3
+        from verl_r3.core import record, replay, metrics
+        from verl_r3 import RouterReplay, RoutingRecord
+        assert sys.modules['transformers'] is None
+        print('ok')
+    """)
 
 
 def test_the_package_imports_without_torch_and_registers_its_families_on_first_lookup():
-    code = (
-        "import sys\n"
-        "import verl_r3, verl_r3.keys, verl_r3.wandb_naming, verl_r3.integration.cpu_settings\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "from verl_r3.core import replay\n"
-        "assert 'verl_r3.families' not in sys.modules and not replay._FAMILIES\n"
-        "import transformers\n"
-        "cfg = transformers.Qwen3MoeConfig(num_hidden_layers=3, num_experts=16, num_experts_per_tok=4)\n"
-        "assert replay.routing_dims(cfg) == (3, 4, 16), replay.routing_dims(cfg)\n"
-        "assert {'qwen3_moe', 'deepseek_v3', 'gpt_oss'} <= set(replay.supported_families())\n"
-        "assert verl_r3.RouterReplay is replay.RouterReplay and verl_r3.core.family_modules == []\n"
-        "verl_r3.core.family_modules.append('verl_r3_no_such_adapters')\n"
-        "try:\n"
-        "    replay.supported_families()\n"
-        "except ModuleNotFoundError as exc:\n"
-        "    assert 'verl_r3_no_such_adapters' in str(exc)\n"
-        "else:\n"
-        "    raise AssertionError('a missing adapter module was skipped')\n"
-        "assert verl_r3.core.family_modules == ['verl_r3_no_such_adapters']\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _in_a_fresh_interpreter("""
+        import sys
+        import verl_r3, verl_r3.keys, verl_r3.wandb_naming, verl_r3.integration.cpu_settings
+        assert 'torch' not in sys.modules, 'torch imported'
+        from verl_r3.core import replay
+        assert 'verl_r3.families' not in sys.modules and not replay._FAMILIES
+        import transformers
+        cfg = transformers.Qwen3MoeConfig(num_hidden_layers=3, num_experts=16, num_experts_per_tok=4)
+        assert replay.routing_dims(cfg) == (3, 4, 16), replay.routing_dims(cfg)
+        assert {'qwen3_moe', 'deepseek_v3', 'gpt_oss'} <= set(replay.supported_families())
+        assert verl_r3.RouterReplay is replay.RouterReplay and verl_r3.core.family_modules == []
+        verl_r3.core.family_modules.append('verl_r3_no_such_adapters')
+        try:
+            replay.supported_families()
+        except ModuleNotFoundError as exc:
+            assert 'verl_r3_no_such_adapters' in str(exc)
+        else:
+            raise AssertionError('a missing adapter module was skipped')
+        assert verl_r3.core.family_modules == ['verl_r3_no_such_adapters']
+        print('ok')
+    """)
 
 
 def test_threads_looking_up_their_first_family_together_all_see_every_family():
-    code = (
-        "import threading\n"
-        "from verl_r3.core import replay\n"
-        "barrier, seen, errors = threading.Barrier(8), [], []\n"
-        "def look():\n"
-        "    barrier.wait()\n"
-        "    try:\n"
-        "        seen.append(tuple(replay.supported_families()))\n"
-        "    except Exception as exc:\n"
-        "        errors.append(repr(exc))\n"
-        "threads = [threading.Thread(target=look) for _ in range(8)]\n"
-        "[t.start() for t in threads]\n"
-        "[t.join() for t in threads]\n"
-        "assert not errors, errors\n"
-        "assert len(seen) == 8 and len(set(seen)) == 1 and 'qwen3_moe' in seen[0], seen\n"
-        "print('ok')\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _in_a_fresh_interpreter("""
+        import threading
+        from verl_r3.core import replay
+        barrier, seen, errors = threading.Barrier(8), [], []
+
+        def look():
+            barrier.wait()
+            try:
+                seen.append(tuple(replay.supported_families()))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=look) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors, errors
+        assert len(seen) == 8 and len(set(seen)) == 1 and 'qwen3_moe' in seen[0], seen
+        print('ok')
+    """)
 
 
 def test_adding_a_family_is_one_small_adapter():
