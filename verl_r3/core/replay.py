@@ -57,7 +57,8 @@ from verl_r3 import core
 from verl_r3.core.metrics import expert_sets_differ
 from verl_r3.core.record import MISSING, dense_dtype, missing_rows, validate_routing
 
-__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "registered_families", "routing_dims", "supported_families"]
+__all__ = ["Mode", "RouterFamily", "RouterReplay", "register_family", "registered_families", "routing_dims",
+           "supported_families"]
 
 # Legend: B batch, T positions, N = B * T rows routed per layer, L layers, K top-k, E experts.
 
