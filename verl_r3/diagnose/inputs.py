@@ -22,7 +22,7 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
     """Check that ``path`` is a Hugging Face MoE directory of a supported family; return its shape."""
     import transformers
 
-    from verl_r3.core.replay import registered_families, supported_families
+    from verl_r3.core.replay import routing_dims
 
     folder, name = Path(path), repr(str(path))
     if not folder.is_dir():
@@ -36,12 +36,12 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
         config = transformers.AutoConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"model directory {name}: cannot read config.json: {exc}") from exc
-    family = registered_families().get(config.model_type)
-    if family is None:
-        raise ValueError(f"model directory {name}: model_type {config.model_type!r} is not a supported MoE family "
-                         f"(supported: {', '.join(supported_families())})")
-    return ModelInfo(str(folder), config.model_type, int(config.num_hidden_layers), family.num_experts(config),
-                     family.top_k(config), getattr(config, "max_position_embeddings", None))
+    try:
+        layers, top_k, experts = routing_dims(config)
+    except ValueError as exc:  # an unsupported family, named with the supported ones
+        raise ValueError(f"model directory {name}: {exc}") from exc
+    return ModelInfo(str(folder), config.model_type, layers, experts, top_k,
+                     getattr(config, "max_position_embeddings", None))
 
 
 def load_tokenizer(path: str):
