@@ -172,10 +172,10 @@ class RecordHandle:
 
     A forward's layers are laid out (one stack, one cast to the record dtype) when ``forwards`` or
     ``routed_experts`` is read, not inside the forward, where a tensor operation run between the
-    model's own costs far more than the small copy it makes (tens of microseconds each on CPU; README,
-    "Where hf's capture cost goes"). Until then the block holds each layer's ids as its router made them;
-    at the end of a forward that takes them past ``RECORD_PENDING_IDS``, it lays out every forward
-    it holds."""
+    model's own costs far more than the small copy it makes (tens of microseconds each on CPU;
+    docs/capture-cost.md, "Where hf's capture cost goes"). Until then the block holds each layer's
+    ids as its router made them; at the end of a forward that takes them past
+    ``RECORD_PENDING_IDS``, it lays out every forward it holds."""
 
     def __init__(self, layout) -> None:
         self._layout = layout  # _Forward -> its [B, T, L, K]
