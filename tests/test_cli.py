@@ -60,6 +60,28 @@ def test_bench_replay_remove_padding_packs_one_row(capsys):
     assert result["shape"]["remove_padding"] is True
 
 
+def test_bench_replay_bfloat16_on_the_named_device(capsys):
+    assert main(["bench", "replay", "--json", "--dtype", "bfloat16", "--device", "cpu", *TINY]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_result(result)  # replay of the model's own routing is bit-identical in bfloat16 too
+    assert result["shape"]["dtype"] == "bfloat16"
+    assert result["machine"]["device"] == "cpu" and result["machine"]["device_name"] is None
+    assert result["native_losses_equal"] is True and result["max_loss_diff"] == 0.0
+
+
+@pytest.mark.parametrize(("device", "cause"), [
+    ("cuda", "sees no CUDA device here"), ("mps", "runs on cpu or cuda"), ("gpu0", "not a torch device")])
+def test_bench_replay_refuses_a_device_it_cannot_use(device, cause, capsys):
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+    assert main(["bench", "replay", "--device", device, *TINY]) == 2
+    err = capsys.readouterr().err
+    assert f"device {device!r}" in err and cause in err
+
+
 def test_bench_replay_table(capsys):
     assert main(["bench", "replay", *TINY[:-2], "--repeats", "1", "--warmup", "0"]) == 0
     out = capsys.readouterr().out

@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay = benches.add_parser(
         "replay",
         help="forward+backward time, native vs replayed routing",
-        description="Time forward + backward of a Qwen3-MoE (fp32, CPU threads of this process) with native "
-        "routing and inside rr.replay(own routing), interleaved; report the medians and their ratio "
-        "(target <= 1.02) and check that the replayed losses equal the native ones bit for bit.",
+        description="Time forward + backward of a Qwen3-MoE (fp32 on CPU by default; --device cuda for a GPU) "
+        "with native routing and inside rr.replay(own routing), interleaved; report the medians and their "
+        "ratio (target <= 1.02) and check that the replayed losses equal the native ones bit for bit.",
     )
     replay.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     replay.add_argument("--repeats", type=_positive, default=5, help="timed rounds (default 5)")
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--remove-padding", action="store_true",
                         help="pack the sequences into one row with restarting position ids, as verl's "
                         "use_remove_padding does")
+    replay.add_argument("--device", default="cpu",
+                        help="cpu, cuda or cuda:N (default cpu); on CUDA each timed step is synchronized")
+    replay.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the model's dtype (default float32)")
     replay.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     replay.add_argument("--threads", type=_non_negative, default=1,
                         help="torch threads (default 1: steadier timings; 0 keeps torch's default)")
@@ -299,7 +303,7 @@ def _bench_replay(args: argparse.Namespace) -> int:
 
     kwargs = dict(layers=args.layers, experts=args.experts, top_k=args.top_k, tokens=args.tokens, batch=args.batch,
                   repeats=args.repeats, warmup=args.warmup, seed=args.seed, threads=args.threads or None,
-                  remove_padding=args.remove_padding)
+                  remove_padding=args.remove_padding, device=args.device, dtype=args.dtype)
     if args.hidden is not None:
         kwargs["hidden"] = args.hidden
     if args.moe_intermediate is not None:
@@ -442,7 +446,8 @@ def format_replay(result: dict) -> str:
         f"{', packed' if s.get('remove_padding') else ''}), "
         f"{s['dtype']}, experts={s['experts_implementation']}, attention={s['attn_implementation']}",
         f"machine  {m['processor']} ({m['machine']}), {m['cpu_count']} CPUs, {m['threads']} torch threads, "
-        f"torch {m['torch']}, transformers {m['transformers']}",
+        f"torch {m['torch']}, transformers {m['transformers']}"
+        + (f"; device {m['device']} ({m['device_name']})" if m.get("device_name") else ""),
         f"rounds   {result['repeats']} timed (+{result['warmup']} warmup), interleaved; median seconds:",
     ]
     if result.get("unbound_s"):
@@ -454,6 +459,9 @@ def format_replay(result: dict) -> str:
         f"losses_equal {result['losses_equal']}  (replayed {result['replayed']} token-layer pairs, "
         f"disagree {result['disagree']}, fallback {result['fallback']})",
     ]
+    if not result["losses_equal"]:
+        lines.append(f"losses   replay - native at most {result['max_loss_diff']:.3g}; the native rounds "
+                     f"{'agree' if result['native_losses_equal'] else 'differ'} with each other")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """Overhead of ``rr.replay`` on a training step: forward + backward, native vs replayed routing.
 
-The model is a randomly initialised Qwen3-MoE in fp32, train mode, every layer MoE
+The model is a randomly initialised Qwen3-MoE (fp32 unless ``dtype`` says otherwise), train mode, every layer MoE
 (``mlp_only_layers=[]``), SDPA attention and the experts kernel ``verl_r3.tiny``
 configures (both reported in ``shape``). The routing replayed is the model's own, recorded
 once with ``rr.record()`` under ``torch.no_grad()`` on the same input ids, so the replayed
@@ -35,6 +35,14 @@ then routes ``[1, tokens, L, K]``). SDPA attends over the packed row as one caus
 where verl's flash-attention kernels stop at each sequence's end; the MoE layers, the routing
 and everything replay does are the same.
 
+``device`` places the model and the step's tensors (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...); on
+a CUDA device each timed step starts and ends with ``torch.cuda.synchronize``, so the clock
+covers the kernels, not only their launch. ``dtype`` is the model's (``float32`` or
+``bfloat16``; the loss is taken in fp32 either way). ``losses_equal`` compares the sides' losses
+bit for bit, which needs a deterministic step: CUDA kernels that accumulate with atomics (the
+experts' scatter among them) can make two native steps differ, so on a GPU read it beside
+``native_losses_equal`` (the native rounds against each other), and ``max_loss_diff``.
+
 Timings on a shared machine are noisy: another process on the same cores can slow a
 multi-threaded step several-fold (OpenMP threads spin-wait for a descheduled peer), and on
 2 cores two-thread steps vary by +-10% run to run, which swamps a 2% target. ``threads``
@@ -58,10 +66,32 @@ __all__ = ["TARGET_RATIO", "run"]
 TARGET_RATIO = 1.02
 
 
-def _machine() -> dict:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _device(name: str) -> torch.device:
+    """The device to run on, refused with the reason when this machine has no such device."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch {torch.__version__} sees no CUDA device here "
+                             "(torch.cuda.is_available() is False)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"device {name!r}: the benchmark runs on cpu or cuda")
+    return device
+
+
+def _machine(device: torch.device) -> dict:
     import transformers
 
     return {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "processor": platform.processor() or platform.machine(),
         "machine": platform.machine(),
         "system": platform.system(),
@@ -73,7 +103,8 @@ def _machine() -> dict:
     }
 
 
-def _build(layers: int, experts: int, top_k: int, hidden: int, moe_intermediate: int, seed: int):
+def _build(layers: int, experts: int, top_k: int, hidden: int, moe_intermediate: int, seed: int,
+           dtype: torch.dtype = torch.float32):
     import transformers
 
     from verl_r3.tiny import tiny_config
@@ -99,19 +130,26 @@ def _build(layers: int, experts: int, top_k: int, hidden: int, moe_intermediate:
     )
     config._attn_implementation = "sdpa"  # tiny_config picks eager; sdpa is what training runs (flash) look like
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.train()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _step(model, ids: torch.Tensor, block=contextlib.nullcontext, position_ids=None) -> tuple[float, float]:
     """One forward + backward inside ``block()`` (entering it, validation included, is timed);
     returns (seconds, loss)."""
     model.zero_grad(set_to_none=True)
+    _sync(ids.device)
     start = time.perf_counter()
     with block():
         logits = model(input_ids=ids, position_ids=position_ids).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
+    _sync(ids.device)
     seconds = time.perf_counter() - start
     return seconds, loss.item()
 
@@ -130,6 +168,8 @@ def run(
     seed: int = 0,
     threads: int | None = 1,
     remove_padding: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     """Time forward + backward with native and replayed routing; see the module docstring."""
     from verl_r3.core.replay import RouterReplay
@@ -142,14 +182,18 @@ def run(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if batch < 1 or tokens < 2 * batch:
         raise ValueError(f"tokens must be at least 2 * batch, got tokens={tokens}, batch={batch}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    place = _device(device)
     seq = tokens // batch
-    model = _build(layers, experts, top_k, hidden, moe_intermediate, seed)
+    model = _build(layers, experts, top_k, hidden, moe_intermediate, seed, DTYPES[dtype]).to(place)
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=generator)
     position_ids = None
     if remove_padding:  # verl's use_remove_padding: one packed row, positions restarting per sequence
         ids = ids.reshape(1, batch * seq)
-        position_ids = torch.arange(seq).repeat(batch).unsqueeze(0)
+        position_ids = torch.arange(seq).repeat(batch).unsqueeze(0).to(place)
+    ids = ids.to(place)
 
     rr = RouterReplay(model)
     with torch.no_grad(), rr.record() as rec:
@@ -187,7 +231,7 @@ def run(
     ratio = medians["replay"] / medians["native"]
     return {
         "benchmark": "replay",
-        "machine": _machine(),
+        "machine": _machine(place),
         "shape": {
             "family": "qwen3_moe",
             "layers": layers,
@@ -198,7 +242,7 @@ def run(
             "tokens": batch * seq,
             "batch": batch,
             "seq": seq,
-            "dtype": "float32",
+            "dtype": dtype,
             "remove_padding": remove_padding,
             "experts_implementation": getattr(model.config, "_experts_implementation", None),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -218,6 +262,8 @@ def run(
         "within_target": ratio <= TARGET_RATIO,
         "losses": losses,
         "losses_equal": losses["replay"] == losses["native"] and losses["native"] == losses["unbound"],
+        "native_losses_equal": len(set(losses["native"])) == 1,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(losses["replay"], losses["native"])),
         "replayed": int(stats.get("replayed", 0)),
         "disagree": int(stats.get("disagree", 0)),
         "fallback": int(stats.get("fallback", 0)),
