@@ -172,9 +172,20 @@ def rows_for(name: str, split: str, *, limit: int | None, seed: int, smoke: bool
             for i, (problem, answer, extra) in enumerate(items)]
 
 
+def sources_help() -> str:
+    """The sources ``--train`` / ``--test`` take, with their hub ids and splits (``--help``'s epilog)."""
+    lines = ["sources (--train / --test, comma-separated):"]
+    for name, (splits, _) in HUB.items():
+        hub_ids = ", ".join(dict.fromkeys(hub_id for hub_id, _, _ in splits.values()))
+        lines.append(f"  {name:<14} {hub_ids} ({' / '.join(splits)})")
+    lines.append(f"  {'reasoning_gym':<14} generated offline by reasoning-gym, no hub (train / test)")
+    return "\n".join(lines)
+
+
 def main(argv=None, *, as_row: Callable[[dict], dict] = lambda row: row, description: str | None = None) -> int:
     """The command line; the agent recipe's prepare_data.py runs it with its own ``as_row``."""
-    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0], epilog=sources_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="DATA_DIR: train.parquet and test.parquet go here")
     p.add_argument("--train", default="dapo", help="comma-separated train sources")
     p.add_argument("--test", default="aime24,aime25,amc23,math500", help="comma-separated test sources")

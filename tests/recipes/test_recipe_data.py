@@ -134,6 +134,20 @@ def test_no_hub_is_a_clear_error(tmp_path, monkeypatch, capsys):
         math_data.rows_for("math500", "train", limit=None, seed=0)
 
 
+@pytest.mark.parametrize("module", [math_data, agent_data], ids=["math", "agent"])
+def test_help_lists_every_source_with_its_hub_id(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.split("sources (")[1].splitlines()[1:]
+              if line.strip()}
+    assert set(listed) == {*math_data.HUB, "reasoning_gym"}
+    for name, (splits, _) in math_data.HUB.items():
+        for hub_id, _, _ in splits.values():
+            assert hub_id in listed[name], (name, listed[name])
+        assert f"({' / '.join(splits)})" in listed[name]
+
+
 @pytest.mark.parametrize("smoke", [True, False])
 def test_generated_test_split_shares_no_problem_with_train(tmp_path, smoke):
     # reasoning-gym seeds item i with seed + i, so nearby seeds for the two splits would share items.
