@@ -65,7 +65,7 @@ Remove when
     vLLM's CPU build runs Model Runner V2, or wires the routing connector into the V1 runner.
 
 Applied in every vLLM process by the ``vllm.general_plugins`` entry point
-(``verl_r3.integration.vllm_plugin``) on the CPU platform, never on import of this module.
+(``verl_r3.integration.vllm_cpu:plugin``) on the CPU platform, never on import of this module.
 """
 
 from __future__ import annotations
