@@ -21,7 +21,9 @@ DOCS = sorted({REPO / "README.md", REPO / "patches" / "README.md", REPO / "recip
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 REPO_PATH = re.compile(r"`((?:verl_r3|patches|tests|recipes|scripts|docs|requirements)/[^`\s]*)`")
 DOTTED = re.compile(r"`(verl_r3(?:\.\w+)+)")
-COMMAND = re.compile(r"verl-r3 ([a-z][\w-]*)(?: ([a-z][\w-]*))?((?: (?:--?[\w-]+(?:[ =](?!-)[^`\s|\]]+)?|\[[^\]]*\]))*)")
+#: ``verl-r3 <command> [<benchmark>]`` and the options after it (``--flag``, ``--flag value``, ``[--flag]``)
+COMMAND = re.compile(r"verl-r3 ([a-z][\w-]*)(?: ([a-z][\w-]*))?"
+                     r"((?: (?:--?[\w-]+(?:[ =](?!-)[^`\s|\]]+)?|\[[^\]]*\]))*)")
 
 
 def _id(path: Path) -> str:

@@ -1,8 +1,8 @@
 """Overhead of ``rr.replay`` on a training step: forward + backward, native vs replayed routing.
 
-The model is a randomly initialised Qwen3-MoE (fp32 unless ``dtype`` says otherwise), train mode, every layer MoE
-(``mlp_only_layers=[]``), SDPA attention and the experts kernel ``verl_r3.tiny``
-configures (both reported in ``shape``). The routing replayed is the model's own, recorded
+The model is a randomly initialised Qwen3-MoE (fp32 unless ``dtype`` says otherwise), train
+mode, every layer MoE (``mlp_only_layers=[]``), SDPA attention and the experts kernel
+``verl_r3.tiny`` configures (both reported in ``shape``). The routing replayed is the model's own, recorded
 once with ``rr.record()`` under ``torch.no_grad()`` on the same input ids, so the replayed
 step must be bit-identical to the native one (``losses_equal``) and its cost is the replay
 machinery alone: the per-layer target lookup, the gate recomputation from the router's
