@@ -9,11 +9,12 @@ messages), ``ability``, ``reward_model`` (``{"style": "rule", "ground_truth": st
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["HubUnavailable", "load_hub", "verl_row", "write_split", "write_splits"]
+__all__ = ["HubUnavailable", "load_hub", "positive_int", "verl_row", "write_split", "write_splits"]
 
 
 class HubUnavailable(RuntimeError):
@@ -54,6 +55,14 @@ def write_split(rows: Iterable[dict], path: str | Path) -> int:
     return len(rows)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def write_splits(out: str | Path, sources: dict[str, str], rows_for: Callable[[str, str], list[dict]]) -> int:
     """``out/<split>.parquet`` for each ``split: "name,name,..."`` of ``sources``, from ``rows_for(name, split)``.
 
@@ -61,12 +70,21 @@ def write_splits(out: str | Path, sources: dict[str, str], rows_for: Callable[[s
     a hub data set could not be loaded.
     """
     try:
+        for split, names in sources.items():  # every split's sources before any is loaded
+            if not any(name.strip() for name in names.split(",")):
+                raise ValueError(f"--{split}: no source named (got {names!r})")
         for split, names in sources.items():
             rows = [row for name in names.split(",") if name.strip() for row in rows_for(name.strip(), split)]
             write_split(rows, Path(out) / f"{split}.parquet")
     except HubUnavailable as exc:
         print(f"prepare_data: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a split with no rows (no source named, or every row filtered out)
+        print(f"prepare_data: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"prepare_data: error: --out {str(out)!r}: cannot write there ({exc.strerror})", file=sys.stderr)
+        return 2
     return 0
 
 

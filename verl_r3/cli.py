@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--engine", default="vllm", choices=("vllm", "hf", "sglang"), help="rollout engine")
     e2e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e2e.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
-    e2e.add_argument("--timeout", type=float, default=900, help="seconds allowed per run (default 900)")
+    e2e.add_argument("--timeout", type=_positive_seconds, default=900.0, help="seconds allowed per run (default 900)")
     e2e.add_argument("--warm-start-steps", type=_non_negative, default=None,
                      help="the model's warm-start steps (default: the quickstart model's); fewer build it sooner")
     e2e.set_defaults(func=_bench_e2e)

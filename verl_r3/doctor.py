@@ -78,7 +78,8 @@ def _sglang() -> tuple[str, str, str | None]:
         if python is None:
             return ("unsupported", "SGLang is not installed here and no SGLang environment was found "
                     "(`ROLLOUT_ENGINE=sglang make quickstart` or `make test` builds one)", None)
-        where = f"its own environment ({os.path.dirname(os.path.dirname(python))})"
+        where = (f"VERL_R3_SGLANG_PYTHON ({python})" if os.environ.get("VERL_R3_SGLANG_PYTHON")
+                 else f"its own environment ({os.path.dirname(os.path.dirname(python))})")
     try:
         proc = subprocess.run([python, "-c", _SGLANG_PROBE], capture_output=True, text=True, timeout=120)
         probe = json.loads(proc.stdout.strip().splitlines()[-1])

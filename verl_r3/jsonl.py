@@ -12,10 +12,15 @@ __all__ = ["read_jsonl"]
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed object)`` of every non-blank line; a line that is not JSON raises
-    ``ValueError`` naming ``path:line``."""
+    ``ValueError`` naming ``path:line``, and so does one that is not UTF-8 text."""
     path = Path(path)
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start} of the line)") \
+                    from None
             if not line.strip():
                 continue
             try:

@@ -191,6 +191,8 @@ def _load_jsonl_run(path: Path) -> Run:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{meta_path}: not valid JSON ({err.msg})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{meta_path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     text = {k: meta[k] if isinstance(meta.get(k), str) and meta[k] else None for k in ("group", "variant", "project")}

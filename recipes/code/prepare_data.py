@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import load_hub, verl_row, write_split, write_splits  # noqa: E402
+from verl_rows import load_hub, positive_int, verl_row, write_splits  # noqa: E402
 
 INSTRUCTION = ("Write a complete, self-contained Python 3 solution. Put the whole program in one "
                "```python code block.")
@@ -145,17 +145,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="DATA_DIR: train.parquet and test.parquet go here")
     p.add_argument("--train", default="taco", help="comma-separated train sources")
     p.add_argument("--test", default="humaneval", help="comma-separated test sources")
-    p.add_argument("--limit", type=int, default=None, help="at most this many rows per source")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many rows per source")
     p.add_argument("--smoke", action="store_true",
                    help="offline: HumanEval's shortest prompts for both files (48 train, 8 test)")
     args = p.parse_args(argv)
     if args.smoke:  # a byte-level model reads a token per byte: the shortest problems
         rows = sorted(rows_for("humaneval", "train", limit=None), key=lambda r: len(r["prompt"][0]["content"]))
-        for split, chunk in (("train", rows[:48]), ("test", rows[48:56])):
+        chunks = {"train": rows[:48], "test": rows[48:56]}
+        for split, chunk in chunks.items():
             for i, row in enumerate(chunk):
                 row["extra_info"].update(split=split, index=i)
-            write_split(chunk, Path(args.out) / f"{split}.parquet")
-        return 0
+        return write_splits(args.out, dict.fromkeys(chunks, "humaneval"), lambda name, split: chunks[split])
     return write_splits(args.out, {"train": args.train, "test": args.test},
                         lambda name, split: rows_for(name, split, limit=args.limit))
 

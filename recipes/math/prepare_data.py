@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import load_hub, verl_row, write_splits  # noqa: E402
+from verl_rows import load_hub, positive_int, verl_row, write_splits  # noqa: E402
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -189,7 +189,7 @@ def main(argv=None, *, as_row: Callable[[dict], dict] = lambda row: row, descrip
     p.add_argument("--out", required=True, help="DATA_DIR: train.parquet and test.parquet go here")
     p.add_argument("--train", default="dapo", help="comma-separated train sources")
     p.add_argument("--test", default="aime24,aime25,amc23,math500", help="comma-separated test sources")
-    p.add_argument("--limit", type=int, default=None, help="at most this many rows per source")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many rows per source")
     p.add_argument("--seed", type=int, default=0, help="for the generated source")
     p.add_argument("--smoke", action="store_true", help="offline and small: reasoning_gym, 64 train / 16 test")
     args = p.parse_args(argv)

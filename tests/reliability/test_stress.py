@@ -153,7 +153,7 @@ def test_bad_arguments_are_refused_by_the_parser(argv, message, capsys):
 
 def test_a_model_directory_without_config_is_an_error_before_any_engine_starts(tmp_path, capsys):
     assert cli.main(["stress", "--engine", "vllm", "--model", str(tmp_path)]) == 2
-    assert f"--model {tmp_path}: no config.json there" in capsys.readouterr().err
+    assert f"model directory {str(tmp_path)!r} has no config.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown engine 'tgi'"):
         stress.run("tgi")
     with pytest.raises(ValueError, match="requests must be >= 1, got 0"):

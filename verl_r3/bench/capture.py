@@ -384,9 +384,15 @@ def _run_vllm(path: str, sides: list[str], rounds_batches: list, new_tokens: int
 
 def sglang_python() -> str | None:
     """The interpreter of SGLang's environment: ``VERL_R3_SGLANG_PYTHON``, else the one
-    ``scripts/sglang_env.sh`` builds (or finds cached) when running from a checkout."""
-    if os.environ.get("VERL_R3_SGLANG_PYTHON"):
-        return os.environ["VERL_R3_SGLANG_PYTHON"]
+    ``scripts/sglang_env.sh`` builds (or finds cached) when running from a checkout. ValueError
+    when ``VERL_R3_SGLANG_PYTHON`` names no executable file."""
+    named = os.environ.get("VERL_R3_SGLANG_PYTHON")
+    if named:
+        if not (os.path.isfile(named) and os.access(named, os.X_OK)):
+            what = "not an executable file" if os.path.exists(named) else "no such file"
+            raise ValueError(f"VERL_R3_SGLANG_PYTHON={named}: {what}; set it to the python of an environment with "
+                             "sglang (scripts/sglang_env.sh builds one)")
+        return named
     script = Path(__file__).resolve().parents[2] / "scripts" / "sglang_env.sh"
     if not script.exists():
         return None

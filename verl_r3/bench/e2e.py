@@ -49,8 +49,13 @@ def run(*, runs: int = 2, steps: int = 8, skip: int = 2, prompts: int = 8, sampl
         raise ValueError(f"steps ({steps}) must exceed the skipped warm-up steps ({skip})")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
     root = os.path.abspath(out) if out else tempfile.mkdtemp(prefix="verl_r3_bench_e2e_")
-    os.makedirs(root, exist_ok=True)
+    try:
+        os.makedirs(root, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out!r}: cannot create the output directory ({exc.strerror})") from None
     model_dir = os.path.join(root, "model")
     built = model.build_model_dir(model_dir, seed=seed, log=None,
                                   **({} if warm_start_steps is None else {"warm_start_steps": warm_start_steps}))

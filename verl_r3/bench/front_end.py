@@ -31,6 +31,7 @@ request and step.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import statistics
@@ -177,8 +178,8 @@ def run(*, rounds: int = 5, prompts: int = 32, prompt_len: int = 32, new_tokens:
     """Measure both sides (see the module docstring) and return the result dict."""
     for name, value in (("rounds", rounds), ("prompts", prompts), ("prompt_len", prompt_len),
                         ("new_tokens", new_tokens), ("interval_ms", interval_ms)):
-        if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
     if prompt_len + new_tokens > MAX_POSITIONS:
         raise ValueError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the benchmark model's "
                          f"{MAX_POSITIONS} positions")

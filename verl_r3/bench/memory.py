@@ -70,8 +70,10 @@ def draw_lengths(samples: int, *, prompt_min: int, prompt_max: int, response_med
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 1 <= prompt_min <= prompt_max:
         raise ValueError(f"need 1 <= prompt_min <= prompt_max, got {prompt_min}, {prompt_max}")
-    if response_median < 1 or response_sigma < 0 or max_response < 1:
-        raise ValueError("response_median and max_response must be >= 1 and response_sigma >= 0")
+    if not (math.isfinite(response_median) and response_median >= 1 and math.isfinite(response_sigma)
+            and response_sigma >= 0 and max_response >= 1):
+        raise ValueError("response_median and max_response must be >= 1 and response_sigma >= 0, all finite; got "
+                         f"{response_median}, {max_response} and {response_sigma}")
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(prompt_min, prompt_max + 1, (samples,), generator=g)
     responses = (math.log(response_median) + response_sigma * torch.randn(samples, generator=g)).exp()

@@ -165,6 +165,8 @@ def run(*, requests: int = 32, prompt_len: int = 64, new_tokens: int = 64, layer
         raise ValueError(f"new_tokens must be >= 2 (the first step is the prefill), got {new_tokens}")
     if not 2 <= experts <= 256:
         raise ValueError(f"experts must be in [2, 256] (routing is one byte per id here), got {experts}")
+    if top_k > experts:
+        raise ValueError(f"top_k ({top_k}) must not exceed experts ({experts})")
     import vllm
 
     from verl_r3.bench.capture import machine

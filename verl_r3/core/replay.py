@@ -125,12 +125,17 @@ def supported_families() -> list[str]:
 
 def routing_dims(config) -> tuple[int, int, int]:
     """``(L, K, E)`` of the routing a supported MoE model config produces: decoder layers, experts
-    per token, experts. ValueError for an unsupported family."""
+    per token, experts. ValueError for an unsupported family, or for more experts per token than
+    the model has (1 <= K <= E)."""
     family = registered_families().get(getattr(config, "model_type", None))
     if family is None:
         raise ValueError(f"model type {getattr(config, 'model_type', None)!r} is not a supported MoE family "
                          f"(supported: {', '.join(supported_families())})")
-    return int(config.num_hidden_layers), family.top_k(config), family.num_experts(config)
+    top_k, experts = family.top_k(config), family.num_experts(config)
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"model type {config.model_type!r}: {top_k} experts per token of {experts} experts; a "
+                         "router picks between 1 and all of them")
+    return int(config.num_hidden_layers), top_k, experts
 
 
 class Mode(enum.Enum):

@@ -45,6 +45,7 @@ from verl_r3.diagnose.inputs import (
     inspect_model_dir,
     load_prompts,
     load_tokenizer,
+    prompts_file,
 )
 from verl_r3.diagnose.plots import COMPARISONS, FIGURES, plot_figures
 from verl_r3.diagnose.rollout import (
@@ -251,7 +252,7 @@ def _demo_model(out: Path, seed: int, warm_start_steps: int) -> tuple[str, dict]
 
 
 def _check_options(model_dir, demo: bool, engine: str, rollout_dtype: str, train_dtype: str, counts: dict,
-                   temperature: float, warm_start_steps: int | None) -> None:
+                   temperature: float, warm_start_steps: int | None, timeout: float) -> None:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     for name, value in (("rollout_dtype", rollout_dtype), ("train_dtype", train_dtype)):
@@ -262,6 +263,8 @@ def _check_options(model_dir, demo: bool, engine: str, rollout_dtype: str, train
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (log-probs are log_softmax(logits / T)), got {temperature}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if warm_start_steps is not None and (not demo or warm_start_steps < 0):
         raise ValueError(f"warm_start_steps applies to the demo model only and must be >= 0, got {warm_start_steps}")
     if demo and model_dir is not None:
@@ -283,17 +286,20 @@ def run(model_dir: str | None = None, *, out: str | Path | None = None, demo: bo
     defaults = DEMO if demo else DEFAULTS
     _check_options(model_dir, demo, engine, rollout_dtype, train_dtype, dict(
         num_prompts=num_prompts, samples=samples, max_new_tokens=max_new_tokens, batch_size=batch_size),
-        temperature, warm_start_steps)
+        temperature, warm_start_steps, timeout)
     samples = samples or defaults["samples"]
     max_new_tokens = max_new_tokens or defaults["max_new_tokens"]
     if engine == "auto":
         engine = "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
     python = sglang_interpreter() if engine == "sglang" else sys.executable  # before any work: fail fast
-    if prompts is not None and not Path(prompts).is_file():
-        raise ValueError(f"prompts file {str(prompts)!r} does not exist")
+    if prompts is not None:
+        prompts_file(prompts)
     info = None if demo else inspect_model_dir(model_dir)  # a user's inputs are checked before anything is written
     out = Path(out or DEFAULT_OUT[demo])
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r}: cannot create the output directory ({exc.strerror})") from None
     seconds, warm = {}, None
     if demo:
         t = time.perf_counter()

@@ -26,7 +26,7 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
 
     folder, name = Path(path), repr(str(path))
     if not folder.is_dir():
-        raise ValueError(f"model directory {name} does not exist")
+        raise ValueError(f"model directory {name} {'is a file' if folder.exists() else 'does not exist'}")
     if not (folder / "config.json").is_file():
         raise ValueError(f"model directory {name} has no config.json (expected a Hugging Face model directory: "
                          "config, weights and tokenizer)")
@@ -78,12 +78,18 @@ def _prompt_ids(tokenizer, value, where: str) -> list[int]:
     return list(ids)
 
 
+def prompts_file(path: str | Path) -> Path:
+    """``path`` as a file, or ValueError saying what is there instead."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"prompts file {str(path)!r} {'is a directory' if file.is_dir() else 'does not exist'}")
+    return file
+
+
 def load_prompts(path: str | Path, tokenizer, limit: int | None = None) -> list[list[int]]:
     """Prompt token ids from verl's parquet (column ``prompt``: chat messages) or a jsonl file (one
     object a line with a ``prompt`` field: a string or chat messages); ``limit``: the first N."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"prompts file {str(path)!r} does not exist")
+    file = prompts_file(path)
     prompts: list[list[int]] = []
     if file.suffix == ".parquet":
         import pandas as pd

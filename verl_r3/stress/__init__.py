@@ -118,8 +118,10 @@ def run(engine: str, requests: int = 64, *, model: str | None = None, reference:
         raise ValueError(f"requests must be >= 1, got {requests}")
     if timeout_s <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout_s}")
-    if model is not None and not (Path(model) / "config.json").is_file():
-        raise ValueError(f"--model {model}: no config.json there (a Hugging Face model directory is expected)")
+    if model is not None:  # a supported MoE directory with config and weights, checked before any engine starts
+        from verl_r3.diagnose.inputs import inspect_model_dir
+
+        inspect_model_dir(model)
     import torch
 
     from verl_r3.bench.capture import build_model, machine
