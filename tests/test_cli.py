@@ -114,6 +114,8 @@ def test_bench_replay_invalid_shape_is_an_error(capsys):
     assert main(["bench", "replay", "--hidden", "100", "--layers", "1", "--experts", "4", "--top-k", "2",
                  "--tokens", "16", "--repeats", "1"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+    assert main(["bench", "replay", "--tokens", "9", "--batch", "4", "--repeats", "1"]) == 2
+    assert "tokens (9) must be a multiple of batch (4)" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_subprocess():

@@ -182,6 +182,8 @@ def run(
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
     if batch < 1 or tokens < 2 * batch:
         raise ValueError(f"tokens must be at least 2 * batch, got tokens={tokens}, batch={batch}")
+    if tokens % batch:
+        raise ValueError(f"tokens ({tokens}) must be a multiple of batch ({batch}): each sequence has tokens / batch")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     place = _device(device)
