@@ -9,12 +9,11 @@ messages), ``ability``, ``reward_model`` (``{"style": "rule", "ground_truth": st
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["HubUnavailable", "load_hub", "positive_int", "verl_row", "write_split", "write_splits"]
+__all__ = ["HubUnavailable", "load_hub", "verl_row", "write_split", "write_splits"]
 
 
 class HubUnavailable(RuntimeError):
@@ -53,14 +52,6 @@ def write_split(rows: Iterable[dict], path: str | Path) -> int:
     pd.DataFrame(rows).to_parquet(path, index=False)
     print(f"wrote {len(rows)} rows to {path}", file=sys.stderr)
     return len(rows)
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 def write_splits(out: str | Path, sources: dict[str, str], rows_for: Callable[[str, str], list[dict]]) -> int:

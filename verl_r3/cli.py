@@ -32,29 +32,9 @@ import json
 import sys
 
 from verl_r3 import __version__
+from verl_r3.argtypes import non_negative_int, positive_int, positive_seconds
 
 __all__ = ["build_parser", "main"]
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         "ratio (target <= 1.02) and check that the replayed losses equal the native ones bit for bit.",
     )
     replay.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    replay.add_argument("--repeats", type=_positive, default=5, help="timed rounds (default 5)")
-    replay.add_argument("--warmup", type=_non_negative, default=1, help="untimed rounds first (default 1)")
-    replay.add_argument("--tokens", type=_positive, default=4096, help="tokens per step (default 4096)")
-    replay.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
-    replay.add_argument("--layers", type=_positive, default=8, help="decoder layers, all MoE (default 8)")
-    replay.add_argument("--experts", type=_positive, default=64, help="routed experts (default 64)")
-    replay.add_argument("--top-k", type=_positive, default=8, help="experts per token (default 8)")
-    replay.add_argument("--hidden", type=_positive, default=None,
+    replay.add_argument("--repeats", type=positive_int, default=5, help="timed rounds (default 5)")
+    replay.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
+    replay.add_argument("--tokens", type=positive_int, default=4096, help="tokens per step (default 4096)")
+    replay.add_argument("--batch", type=positive_int, default=4, help="sequences per step (default 4)")
+    replay.add_argument("--layers", type=positive_int, default=8, help="decoder layers, all MoE (default 8)")
+    replay.add_argument("--experts", type=positive_int, default=64, help="routed experts (default 64)")
+    replay.add_argument("--top-k", type=positive_int, default=8, help="experts per token (default 8)")
+    replay.add_argument("--hidden", type=positive_int, default=None,
                         help="hidden size, a multiple of 64 (default: the benchmark's)")
-    replay.add_argument("--moe-intermediate", type=_positive, default=None,
+    replay.add_argument("--moe-intermediate", type=positive_int, default=None,
                         help="expert intermediate size (default: the benchmark's)")
     replay.add_argument("--remove-padding", action="store_true",
                         help="pack the sequences into one row with restarting position ids, as verl's "
@@ -100,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the model's dtype (default float32)")
     replay.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    replay.add_argument("--threads", type=_non_negative, default=1,
+    replay.add_argument("--threads", type=non_negative_int, default=1,
                         help="torch threads (default 1: steadier timings; 0 keeps torch's default)")
     replay.set_defaults(func=_bench_replay)
 
@@ -112,14 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     capture.add_argument("--engine", required=True, choices=("hf", "vllm", "sglang"), help="rollout engine")
     capture.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    capture.add_argument("--rounds", type=_positive, default=5, help="timed rounds per side (default 5)")
-    capture.add_argument("--prompts", type=_positive, default=32, help="prompts per batch (default 32)")
-    capture.add_argument("--prompt-len", type=_positive, default=64, help="prompt tokens (default 64)")
-    capture.add_argument("--new-tokens", type=_positive, default=64, help="generated tokens each (default 64)")
-    capture.add_argument("--layers", type=_positive, default=4, help="decoder layers, all MoE (default 4)")
-    capture.add_argument("--experts", type=_positive, default=8, help="routed experts (default 8)")
-    capture.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
-    capture.add_argument("--hidden", type=_positive, default=128, help="hidden size (default 128)")
+    capture.add_argument("--rounds", type=positive_int, default=5, help="timed rounds per side (default 5)")
+    capture.add_argument("--prompts", type=positive_int, default=32, help="prompts per batch (default 32)")
+    capture.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens (default 64)")
+    capture.add_argument("--new-tokens", type=positive_int, default=64, help="generated tokens each (default 64)")
+    capture.add_argument("--layers", type=positive_int, default=4, help="decoder layers, all MoE (default 4)")
+    capture.add_argument("--experts", type=positive_int, default=8, help="routed experts (default 8)")
+    capture.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default 2)")
+    capture.add_argument("--hidden", type=positive_int, default=128, help="hidden size (default 128)")
     capture.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="engine dtype")
     capture.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     capture.add_argument("--control", action="store_true",
@@ -147,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         "their ratio, and whether every step's outputs were equal.",
     )
     commit.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    commit.add_argument("--requests", type=_positive, default=32, help="requests decoding together (default 32)")
-    commit.add_argument("--prompt-len", type=_positive, default=64, help="prompt tokens (default 64)")
-    commit.add_argument("--new-tokens", type=_positive, default=64, help="generated tokens each (default 64)")
-    commit.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
-    commit.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
-    commit.add_argument("--experts", type=_positive, default=8, help="routed experts, at most 256 (default 8)")
-    commit.add_argument("--block-size", type=_positive, default=32, help="tokens per routing block (default 32)")
-    commit.add_argument("--repeats", type=_positive, default=5, help="timed repeats (default 5)")
+    commit.add_argument("--requests", type=positive_int, default=32, help="requests decoding together (default 32)")
+    commit.add_argument("--prompt-len", type=positive_int, default=64, help="prompt tokens (default 64)")
+    commit.add_argument("--new-tokens", type=positive_int, default=64, help="generated tokens each (default 64)")
+    commit.add_argument("--layers", type=positive_int, default=4, help="decoder layers (default 4)")
+    commit.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default 2)")
+    commit.add_argument("--experts", type=positive_int, default=8, help="routed experts, at most 256 (default 8)")
+    commit.add_argument("--block-size", type=positive_int, default=32, help="tokens per routing block (default 32)")
+    commit.add_argument("--repeats", type=positive_int, default=5, help="timed repeats (default 5)")
     commit.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     commit.set_defaults(func=_bench_commit)
 
@@ -168,15 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved rounds, medians and ratios.",
     )
     front_end.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    front_end.add_argument("--rounds", type=_positive, default=5, help="timed rounds per side (default 5)")
-    front_end.add_argument("--prompts", type=_positive, default=32, help="prompts per batch (default 32)")
-    front_end.add_argument("--prompt-len", type=_positive, default=32, help="prompt tokens (default 32)")
-    front_end.add_argument("--new-tokens", type=_positive, default=192,
+    front_end.add_argument("--rounds", type=positive_int, default=5, help="timed rounds per side (default 5)")
+    front_end.add_argument("--prompts", type=positive_int, default=32, help="prompts per batch (default 32)")
+    front_end.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens (default 32)")
+    front_end.add_argument("--new-tokens", type=positive_int, default=192,
                            help="tokens the longest request generates; the others 1/16 to 1/2 of it (default 192)")
-    front_end.add_argument("--layers", type=_positive, default=4, help="decoder layers, all MoE (default 4)")
-    front_end.add_argument("--experts", type=_positive, default=8, help="routed experts (default 8)")
-    front_end.add_argument("--top-k", type=_positive, default=2, help="experts per token (default 2)")
-    front_end.add_argument("--hidden", type=_positive, default=128, help="hidden size (default 128)")
+    front_end.add_argument("--layers", type=positive_int, default=4, help="decoder layers, all MoE (default 4)")
+    front_end.add_argument("--experts", type=positive_int, default=8, help="routed experts (default 8)")
+    front_end.add_argument("--top-k", type=positive_int, default=2, help="experts per token (default 2)")
+    front_end.add_argument("--hidden", type=positive_int, default=128, help="hidden size (default 128)")
     front_end.add_argument("--interval-ms", type=float, default=20.0,
                            help="milliseconds between samples of the front end's requests (default 20)")
     front_end.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -191,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     startup.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     startup.add_argument("--module", default="verl", help="module to import (default verl)")
-    startup.add_argument("--repeats", type=_positive, default=5, help="timed imports per side (default 5)")
+    startup.add_argument("--repeats", type=positive_int, default=5, help="timed imports per side (default 5)")
     startup.add_argument("--cpu-platform", action="store_true", help="set VERL_PLATFORM=cpu on both sides")
     startup.set_defaults(func=_bench_startup)
 
@@ -203,23 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
         "of the math recipe; targets: 1 byte per id, peak <= 1.25 x the unpadded payload.",
     )
     memory.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    memory.add_argument("--layers", type=_positive, default=48, help="decoder layers (default 48)")
-    memory.add_argument("--experts", type=_positive, default=128, help="routed experts (default 128)")
-    memory.add_argument("--top-k", type=_positive, default=8, help="experts per token (default 8)")
-    memory.add_argument("--prompts", type=_positive, default=256, help="prompts per step (default 256)")
-    memory.add_argument("--n", type=_positive, default=8, help="samples per prompt (default 8)")
-    memory.add_argument("--dp", type=_positive, default=16, help="data-parallel ranks (default 16)")
-    memory.add_argument("--max-prompt", type=_positive, default=2048, help="max prompt tokens (default 2048)")
-    memory.add_argument("--max-response", type=_positive, default=30720, help="max response tokens (default 30720)")
-    memory.add_argument("--max-token-len", type=_positive, default=34816,
+    memory.add_argument("--layers", type=positive_int, default=48, help="decoder layers (default 48)")
+    memory.add_argument("--experts", type=positive_int, default=128, help="routed experts (default 128)")
+    memory.add_argument("--top-k", type=positive_int, default=8, help="experts per token (default 8)")
+    memory.add_argument("--prompts", type=positive_int, default=256, help="prompts per step (default 256)")
+    memory.add_argument("--n", type=positive_int, default=8, help="samples per prompt (default 8)")
+    memory.add_argument("--dp", type=positive_int, default=16, help="data-parallel ranks (default 16)")
+    memory.add_argument("--max-prompt", type=positive_int, default=2048, help="max prompt tokens (default 2048)")
+    memory.add_argument("--max-response", type=positive_int, default=30720, help="max response tokens (default 30720)")
+    memory.add_argument("--max-token-len", type=positive_int, default=34816,
                         help="tokens per micro-batch, ppo_max_token_len_per_gpu (default 34816)")
     memory.add_argument("--response-median", type=float, default=6000.0,
                         help="median response tokens of the drawn lengths (default 6000)")
     memory.add_argument("--response-sigma", type=float, default=0.8,
                         help="log-normal spread of the response lengths (default 0.8)")
-    memory.add_argument("--mini-batches", type=_positive, default=8, help="PPO mini-batches per step (default 8)")
+    memory.add_argument("--mini-batches", type=positive_int, default=8, help="PPO mini-batches per step (default 8)")
     memory.add_argument("--seed", type=int, default=0, help="random seed of the lengths (default 0)")
-    memory.add_argument("--kv-slots", type=_positive, default=1_000_000,
+    memory.add_argument("--kv-slots", type=positive_int, default=1_000_000,
                         help="KV slots of the SGLang engine whose routing host buffer is sized (default 1000000)")
     memory.set_defaults(func=_bench_memory)
 
@@ -230,16 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
         "alternating; medians of verl's timing_s/step and the phase timings, ratio (target <= 1.03).",
     )
     e2e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    e2e.add_argument("--runs", type=_positive, default=2, help="runs per side (default 2)")
-    e2e.add_argument("--steps", type=_positive, default=8, help="steps per run (default 8)")
-    e2e.add_argument("--skip", type=_non_negative, default=2, help="warm-up steps left out of each run (default 2)")
-    e2e.add_argument("--prompts", type=_positive, default=8, help="prompts per step (default 8)")
-    e2e.add_argument("--samples", type=_positive, default=4, help="responses per prompt (default 4)")
+    e2e.add_argument("--runs", type=positive_int, default=2, help="runs per side (default 2)")
+    e2e.add_argument("--steps", type=positive_int, default=8, help="steps per run (default 8)")
+    e2e.add_argument("--skip", type=non_negative_int, default=2, help="warm-up steps left out of each run (default 2)")
+    e2e.add_argument("--prompts", type=positive_int, default=8, help="prompts per step (default 8)")
+    e2e.add_argument("--samples", type=positive_int, default=4, help="responses per prompt (default 4)")
     e2e.add_argument("--engine", default="vllm", choices=("vllm", "hf", "sglang"), help="rollout engine")
     e2e.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     e2e.add_argument("--out", default=None, help="directory for the runs (default: a new temporary one)")
-    e2e.add_argument("--timeout", type=_positive_seconds, default=900.0, help="seconds allowed per run (default 900)")
-    e2e.add_argument("--warm-start-steps", type=_non_negative, default=None,
+    e2e.add_argument("--timeout", type=positive_seconds, default=900.0, help="seconds allowed per run (default 900)")
+    e2e.add_argument("--warm-start-steps", type=non_negative_int, default=None,
                      help="the model's warm-start steps (default: the quickstart model's); fewer build it sooner")
     e2e.set_defaults(func=_bench_e2e)
 
@@ -259,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status 1 when a routing differs, an abort was not clean or a request failed (each named).",
     )
     stress.add_argument("--engine", required=True, choices=("hf", "vllm", "sglang"), help="rollout engine")
-    stress.add_argument("--requests", type=_positive, default=64, help="concurrent requests (default 64)")
+    stress.add_argument("--requests", type=positive_int, default=64, help="concurrent requests (default 64)")
     stress.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     stress.add_argument("--model", default=None,
                         help="Hugging Face MoE model directory to serve (default: a tiny fp32 Qwen3-MoE built here)")
     stress.add_argument("--seed", type=int, default=0, help="seed of the requests and the built model (default 0)")
-    stress.add_argument("--timeout", type=_positive_seconds, default=600.0,
+    stress.add_argument("--timeout", type=positive_seconds, default=600.0,
                         help="seconds the engine may take before its processes are killed (default 600)")
     stress.set_defaults(func=_stress)
 

@@ -24,8 +24,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from verl_r3.argtypes import positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import load_hub, positive_int, verl_row, write_splits  # noqa: E402
+from verl_rows import load_hub, verl_row, write_splits  # noqa: E402
 
 INSTRUCTION = ("Write a complete, self-contained Python 3 solution. Put the whole program in one "
                "```python code block.")

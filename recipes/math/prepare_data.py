@@ -29,8 +29,10 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from verl_r3.argtypes import positive_int
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from verl_rows import load_hub, positive_int, verl_row, write_splits  # noqa: E402
+from verl_rows import load_hub, verl_row, write_splits  # noqa: E402
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from verl_r3.argtypes import positive_int
 from verl_r3.diagnose.inputs import (
     ModelInfo,
     eos_ids,
@@ -361,13 +362,6 @@ def run(model_dir: str | None = None, *, out: str | Path | None = None, demo: bo
 
 
 # -- command line -------------------------------------------------------------------------------------------
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``verl-r3 diagnose`` (``main`` reads them)."""
     add = parser.add_argument
@@ -376,18 +370,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and diagnose it")
     add("--prompts", metavar="FILE", help="verl parquet (column 'prompt': chat messages) or jsonl (field 'prompt': "
         "a string or chat messages); default: generated arithmetic word problems")
-    add("--num-prompts", type=_positive, metavar="N", help="prompts to use (default: every one in --prompts, else "
+    add("--num-prompts", type=positive_int, metavar="N", help="prompts to use (default: every one in --prompts, else "
         f"{DEFAULTS['prompts']}; demo {DEMO['prompts']})")
     add("--engine", choices=ENGINES, default="hf", help="rollout engine (default hf; auto: vllm when installed, "
         "else hf)")
     add("--rollout-dtype", choices=DTYPES, default="bfloat16", help="dtype of the rollout (default bfloat16)")
     add("--train-dtype", choices=DTYPES, default="float32", help="dtype of the trainer (default float32)")
-    add("--samples", type=_positive, metavar="N", help=f"responses per prompt (default {DEFAULTS['samples']})")
-    add("--max-new-tokens", type=_positive, metavar="N", help="response length limit (default "
+    add("--samples", type=positive_int, metavar="N", help=f"responses per prompt (default {DEFAULTS['samples']})")
+    add("--max-new-tokens", type=positive_int, metavar="N", help="response length limit (default "
         f"{DEFAULTS['max_new_tokens']}; demo {DEMO['max_new_tokens']})")
     add("--temperature", type=float, default=1.0, metavar="T", help="sampling temperature (default 1.0)")
     add("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
-    add("--batch-size", type=_positive, default=64, metavar="N", help="sequences per forward (default 64)")
+    add("--batch-size", type=positive_int, default=64, metavar="N", help="sequences per forward (default 64)")
     add("--timeout", type=float, default=3600.0, metavar="S",
         help="seconds a vllm or sglang rollout may take (default 3600)")
     add("--warm-start-steps", type=int, metavar="N", help="demo only: warm-start steps of the demo model (default "

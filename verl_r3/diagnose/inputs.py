@@ -38,7 +38,7 @@ def inspect_model_dir(path: str | Path) -> ModelInfo:
         raise ValueError(f"model directory {name}: cannot read config.json: {exc}") from exc
     try:
         layers, top_k, experts = routing_dims(config)
-    except ValueError as exc:  # an unsupported family, named with the supported ones
+    except ValueError as exc:  # an unsupported family (the supported ones named), or top-k above the experts
         raise ValueError(f"model directory {name}: {exc}") from exc
     return ModelInfo(str(folder), config.model_type, layers, experts, top_k,
                      getattr(config, "max_position_embeddings", None))
